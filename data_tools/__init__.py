@@ -1,0 +1,1 @@
+"""Corpus tools: tokenizer training, sharding, inspection, verification, merging."""

@@ -1,0 +1,610 @@
+"""THE on-disk token format: memory-mapped `.bin/.idx` shards (Megatron's byte layout) + manifest.
+
+A shard set is a directory holding shards and one `manifest.json`:
+
+    <set>/manifest.json
+    <set>/<name>.bin        tokens
+    <set>/<name>.idx        index
+
+Format spec (version 1; byte-compatible with megatron-core's `IndexedDataset`)
+------------------------------------------------------------------------------
+`.bin` holds the tokens of every sequence back to back, little-endian, in the dtype named by the
+`.idx` header, with no header and no padding. Tokens are `uint16` when the vocabulary has at most
+65,536 ids and `int32` otherwise.
+
+`.idx` is little-endian, S = number of sequences, D = number of document-index entries:
+
+    offset        size   field
+    0             9      magic  b"MMIDIDX\\x00\\x00"
+    9             8      uint64 version = 1
+    17            1      uint8  dtype code (megatron-core's DType: 1 uint8, 2 int8, 3 int16,
+                                4 int32, 5 int64, 6 float64, 7 float32, 8 uint16)
+    18            8      uint64 S
+    26            8      uint64 D
+    34            4 S    int32  sequence lengths, in tokens
+    34 + 4 S      8 S    int64  sequence pointers, byte offsets into .bin
+    34 + 12 S     8 D    int64  document indices
+
+The file is exactly 34 + 12 S + 8 D bytes. Pointers start at 0 and each is the previous one plus
+the previous length times the dtype size; the `.bin` is exactly (last pointer + last length x size)
+bytes. Document indices are 0 followed by, for each document, the index one past its last
+sequence: non-decreasing, ending at S, so D = documents + 1. A sequence is one sentence/line of a
+document; keeping the boundaries lets training pack FULL-SENTENCES or DOC-SENTENCES blocks of any
+length without re-tokenizing.
+
+We write dtype codes 8 (uint16) and 4 (int32) and read every integer code (1-5, 8). Float codes are
+refused (fairseq and megatron disagree on what code 6/7 mean; token shards never need them).
+Two look-alikes are refused by name: fairseq's layout (same magic and version but no document
+count or indices: 26 + 12 S bytes) and megatron-core's multimodal extension (an extra int8 mode per
+sequence: 34 + 13 S + 8 D bytes).
+
+`manifest.json` (written last, atomically: temp name, fsync, rename) describes the set:
+format name and version, tokenizer fingerprint (sha256 of tokenizer.json bytes), vocab size,
+special token ids, token dtype, per-shard sequence/token/document counts, byte sizes and sha256
+checksums, and `created_by` (the command, its inputs and settings). A directory without a
+manifest is not a shard set, so a build killed mid-way never looks valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from roberta_ds.errors import ShardFormatError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = 34  # magic 9 + version 8 + dtype 1 + S 8 + D 8
+FORMAT_NAME = "roberta-ds-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# megatron-core's DType enum; pinned here because fairseq uses the same magic with another code 6/7.
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}
+INTEGER_CODES = (1, 2, 3, 4, 5, 8)
+CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65,536), else int32."""
+    if vocab_size <= 0:
+        raise ShardFormatError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def idx_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+def bin_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of tokenizer.json's bytes; `path` is the file or a directory containing it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ShardFormatError(f"{p}: tokenizer.json not found (give the tokenizer directory or file)")
+    return file_sha256(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp name in the same directory, fsync, rename over `path`, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def encode_index(lengths: np.ndarray, document_indices: np.ndarray, dtype: np.dtype) -> bytes:
+    """The exact bytes of a `.idx` file (see the module docstring)."""
+    dtype = np.dtype(dtype)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
+    parts = [
+        MAGIC,
+        struct.pack("<Q", VERSION),
+        struct.pack("<B", CODE_OF[dtype]),
+        struct.pack("<Q", len(lengths)),
+        struct.pack("<Q", len(document_indices)),
+        lengths.astype("<i4").tobytes(),
+        pointers.astype("<i8").tobytes(),
+        np.asarray(document_indices, dtype="<i8").tobytes(),
+    ]
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """What one finished shard holds (the manifest's per-shard entry, minus checksums)."""
+
+    sequences: int
+    tokens: int
+    documents: int
+
+
+class ShardWriter:
+    """Streams sequences into `<prefix>.bin`; `close()` writes the `.idx` and renames both into place.
+
+    Both files are written under temp names (`<prefix>.bin.tmp` ...) and renamed only when complete,
+    `.bin` first, so a visible `.idx` always has its full `.bin`. Use as a context manager: an
+    exception inside the block removes the temp files.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type) -> None:
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF or CODE_OF[self.dtype] not in INTEGER_CODES:
+            raise ShardFormatError(f"{self.prefix}: token dtype must be an integer type, got {self.dtype}")
+        self._info = np.iinfo(self.dtype)
+        self._bin_tmp = Path(f"{bin_path(self.prefix)}.tmp")
+        self._idx_tmp = Path(f"{idx_path(self.prefix)}.tmp")
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths: list[int] = []
+        self._doc_index: list[int] = [0]
+        self._tokens = 0
+        self._closed = False
+
+    def add_sequence(self, tokens: np.ndarray | list[int]) -> None:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ShardFormatError(f"{self.prefix}: a sequence must be a non-empty 1-D array of token ids")
+        if arr.dtype != self.dtype:
+            # Never wrap silently (70000 stored as uint16 would read back as 4464).
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < self._info.min or hi > self._info.max:
+                bad = hi if hi > self._info.max else lo
+                raise ShardFormatError(
+                    f"{self.prefix}: token id {bad} does not fit {self.dtype} "
+                    f"(range {self._info.min}..{self._info.max}); the vocabulary needs int32 shards"
+                )
+            arr = arr.astype(self.dtype)
+        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._lengths.append(int(arr.size))
+        self._tokens += int(arr.size)
+
+    def end_document(self) -> None:
+        """Close the current document (a no-op for a document with no sequences)."""
+        if self._doc_index[-1] != len(self._lengths):
+            self._doc_index.append(len(self._lengths))
+
+    def close(self) -> ShardStats:
+        if self._closed:
+            raise ShardFormatError(f"{self.prefix}: writer already closed")
+        self.end_document()
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        data = encode_index(np.asarray(self._lengths, dtype=np.int64), np.asarray(self._doc_index), self.dtype)
+        with open(self._idx_tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._bin_tmp, bin_path(self.prefix))
+        os.replace(self._idx_tmp, idx_path(self.prefix))
+        fsync_dir(self.prefix.parent)
+        self._closed = True
+        return ShardStats(len(self._lengths), self._tokens, len(self._doc_index) - 1)
+
+    def abort(self) -> None:
+        """Drop everything written so far (temp files only; nothing visible was created)."""
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp):
+            p.unlink(missing_ok=True)
+        self._closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class IndexHeader:
+    dtype: np.dtype
+    sequences: int
+    doc_entries: int
+
+
+def read_index_header(path: Path) -> IndexHeader:
+    """Parse and check the header and exact size of an `.idx` file; names what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise ShardFormatError(f"{path}: file not found") from None
+    if len(head) < 18 or head[:9] != MAGIC:
+        if head[:8] == b"TNTIDX\x00\x00":
+            raise ShardFormatError(f"{path}: fairseq/Megatron *lazy* (TNTIDX) index, not an mmap shard")
+        raise ShardFormatError(f"{path}: bad magic {head[:9]!r}, expected {MAGIC!r}: not an .idx shard index")
+    (version,) = struct.unpack("<Q", head[9:17])
+    if version != VERSION:
+        raise ShardFormatError(f"{path}: unsupported index version {version} (this reader knows {VERSION})")
+    code = head[17]
+    if code not in DTYPE_CODES:
+        raise ShardFormatError(f"{path}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+    if code not in INTEGER_CODES:
+        raise ShardFormatError(
+            f"{path}: dtype code {code} ({DTYPE_CODES[code]}) is not an integer token type; "
+            "token shards use code 8 (uint16) or 4 (int32)"
+        )
+    if len(head) < 26:
+        raise ShardFormatError(f"{path}: truncated header ({size} bytes)")
+    (seqs,) = struct.unpack("<Q", head[18:26])
+    if size == 26 + 12 * seqs:
+        raise ShardFormatError(
+            f"{path}: fairseq MMapIndexedDataset layout (no document count or document indices); "
+            "convert it with megatron's tools or re-tokenize with `roberta-ds build-shards`"
+        )
+    if len(head) < HEADER_BYTES:
+        raise ShardFormatError(f"{path}: truncated header ({size} bytes, need {HEADER_BYTES})")
+    (docs,) = struct.unpack("<Q", head[26:34])
+    expected = HEADER_BYTES + 12 * seqs + 8 * docs
+    if size == expected + seqs and seqs:
+        raise ShardFormatError(f"{path}: megatron-core multimodal index (sequence modes); not a token shard")
+    if size != expected:
+        raise ShardFormatError(
+            f"{path}: size {size} bytes, but its header ({seqs} sequences, {docs} document entries) "
+            f"needs exactly {expected}: the file is truncated or corrupt"
+        )
+    return IndexHeader(DTYPE_CODES[code], seqs, docs)
+
+
+class ShardReader:
+    """Random access to one shard's sequences through memory maps.
+
+    Opening checks the header, exact `.idx` size and exact `.bin` size (cheap); `verify_shard`
+    does the full check. Pickles as its prefix and reopens lazily, so DataLoader workers each get
+    their own maps.
+    """
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self.prefix = Path(prefix)
+        self._open()
+
+    def _open(self) -> None:
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        header = read_index_header(ipath)
+        self.dtype = header.dtype
+        s, d = header.sequences, header.doc_entries
+        self._idx = np.memmap(ipath, mode="r", dtype=np.uint8)
+        off = HEADER_BYTES
+        self.sequence_lengths = np.frombuffer(self._idx, dtype="<i4", count=s, offset=off)
+        self.sequence_pointers = np.frombuffer(self._idx, dtype="<i8", count=s, offset=off + 4 * s)
+        self.document_indices = np.frombuffer(self._idx, dtype="<i8", count=d, offset=off + 12 * s)
+        expected = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if s else 0
+        try:
+            actual = bpath.stat().st_size
+        except FileNotFoundError:
+            raise ShardFormatError(f"{bpath}: file not found (its index {ipath.name} exists)") from None
+        if actual != expected:
+            raise ShardFormatError(
+                f"{bpath}: size {actual} bytes, but {ipath.name} describes {expected}: "
+                "the .bin is truncated or does not belong to this index"
+            )
+        self._bin = np.memmap(bpath, mode="r", dtype=self.dtype.newbyteorder("<")) if actual else np.zeros(0, self.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"prefix": str(self.prefix)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.prefix = Path(state["prefix"])
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens of the shard as one flat memory-mapped array."""
+        return self._bin
+
+    def token_offsets(self) -> np.ndarray:
+        """Element (not byte) offset of every sequence into `tokens` (int64, length S)."""
+        return self.sequence_pointers // self.dtype.itemsize
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.prefix}: sequence {i} out of range ({n} sequences)")
+        i %= n
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize
+        return self._bin[start : start + int(self.sequence_lengths[i])]
+
+    def document(self, d: int) -> list[np.ndarray]:
+        lo, hi = int(self.document_indices[d]), int(self.document_indices[d + 1])
+        return [self[i] for i in range(lo, hi)]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    sequences: int
+    tokens: int
+    documents: int
+    bin_bytes: int
+    idx_bytes: int
+    bin_sha256: str
+    idx_sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tokenizer_sha256: str
+    vocab_size: int
+    special_ids: dict[str, int]
+    """At least bos, pad, eos, unk, mask."""
+    dtype: str
+    shards: tuple[ShardInfo, ...]
+    created_by: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def sequences(self) -> int:
+        return sum(s.sequences for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["totals"] = {"sequences": self.sequences, "tokens": self.tokens, "documents": self.documents}
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+REQUIRED_SPECIALS = ("bos", "pad", "eos", "unk", "mask")
+
+
+def shard_info(prefix: str | os.PathLike, stats: ShardStats | None = None) -> ShardInfo:
+    """Measure a finished shard for the manifest (counts from the index when stats are not given)."""
+    prefix = Path(prefix)
+    if stats is None:
+        r = ShardReader(prefix)
+        stats = ShardStats(len(r), r.num_tokens, r.num_documents)
+    return ShardInfo(
+        name=prefix.name,
+        sequences=stats.sequences,
+        tokens=stats.tokens,
+        documents=stats.documents,
+        bin_bytes=bin_path(prefix).stat().st_size,
+        idx_bytes=idx_path(prefix).stat().st_size,
+        bin_sha256=file_sha256(bin_path(prefix)),
+        idx_sha256=file_sha256(idx_path(prefix)),
+    )
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    """Atomically (temp + fsync + rename) write `<directory>/manifest.json`; call it last."""
+    path = Path(directory) / MANIFEST_NAME
+    atomic_write_bytes(path, manifest.to_json().encode())
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """Load and validate a shard set's manifest; errors name the file and the field."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME if directory.is_dir() or not directory.name.endswith(".json") else directory
+    if not path.is_file():
+        hint = " (a build that did not finish leaves no manifest; rerun it)" if directory.is_dir() else ""
+        raise ShardFormatError(f"{path}: no manifest; {directory} is not a complete shard set{hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
+    if raw.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{path}: field 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{path}: field 'format_version' is {raw.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    try:
+        shards = tuple(ShardInfo(**s) for s in raw["shards"])
+        manifest = Manifest(
+            tokenizer_sha256=str(raw["tokenizer_sha256"]),
+            vocab_size=int(raw["vocab_size"]),
+            special_ids={str(k): int(v) for k, v in raw["special_ids"].items()},
+            dtype=str(raw["dtype"]),
+            shards=shards,
+            created_by=dict(raw.get("created_by", {})),
+        )
+    except KeyError as e:
+        raise ShardFormatError(f"{path}: missing field {e.args[0]!r}") from None
+    except TypeError as e:
+        raise ShardFormatError(f"{path}: malformed shard entry ({e})") from None
+    missing = [k for k in REQUIRED_SPECIALS if k not in manifest.special_ids]
+    if missing:
+        raise ShardFormatError(f"{path}: special_ids lacks {missing}")
+    if np.dtype(manifest.dtype) != token_dtype(manifest.vocab_size) and np.dtype(manifest.dtype) != np.int32:
+        raise ShardFormatError(f"{path}: dtype {manifest.dtype} cannot hold vocab_size {manifest.vocab_size}")
+    return manifest
+
+
+def check_tokenizer(manifest: Manifest, fingerprint: str, where: str) -> None:
+    """Refuse a shard set made with another tokenizer than the one in use."""
+    if manifest.tokenizer_sha256 != fingerprint:
+        raise ShardFormatError(
+            f"{where}: made with tokenizer sha256 {manifest.tokenizer_sha256[:12]}..., but the tokenizer "
+            f"given has {fingerprint[:12]}...; re-tokenize the corpus or pass the tokenizer it was built with"
+        )
+
+
+def open_shards(directory: str | os.PathLike) -> tuple[Manifest, list[ShardReader]]:
+    """The manifest and a reader per shard, checking each shard's files against the manifest sizes."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    readers = []
+    for info in manifest.shards:
+        prefix = directory / info.name
+        for p, want in ((bin_path(prefix), info.bin_bytes), (idx_path(prefix), info.idx_bytes)):
+            if not p.is_file():
+                raise ShardFormatError(f"{p}: listed in {directory / MANIFEST_NAME} but missing")
+            if p.stat().st_size != want:
+                raise ShardFormatError(
+                    f"{p}: {p.stat().st_size} bytes, manifest says {want}: truncated or replaced after the build"
+                )
+        readers.append(ShardReader(prefix))
+    return manifest, readers
+
+
+# ----------------------------------------------------------------------------------------------
+# Full verification
+
+
+def verify_shard(prefix: str | os.PathLike, vocab_size: int | None = None, info: ShardInfo | None = None) -> ShardStats:
+    """Every structural check on one shard; raises ShardFormatError naming the file and the problem.
+
+    Header and exact sizes, pointers consistent with lengths, document indices (start 0,
+    non-decreasing, end at S), every token id in [0, vocab_size), and checksums against `info`.
+    """
+    prefix = Path(prefix)
+    r = ShardReader(prefix)
+    ipath, bpath = idx_path(prefix), bin_path(prefix)
+    lengths = r.sequence_lengths.astype(np.int64)
+    if (lengths < 0).any():
+        i = int(np.argmax(lengths < 0))
+        raise ShardFormatError(f"{ipath}: sequence {i} has negative length {lengths[i]}")
+    expected_ptr = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1] * r.dtype.itemsize, out=expected_ptr[1:])
+    bad = np.nonzero(r.sequence_pointers != expected_ptr)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ShardFormatError(
+            f"{ipath}: pointer of sequence {i} is {int(r.sequence_pointers[i])}, expected {int(expected_ptr[i])} "
+            "(pointers must be contiguous and monotonic)"
+        )
+    doc = r.document_indices
+    if len(doc) == 0 or doc[0] != 0:
+        raise ShardFormatError(f"{ipath}: document indices must start with 0")
+    if (np.diff(doc) < 0).any():
+        i = int(np.argmax(np.diff(doc) < 0))
+        raise ShardFormatError(f"{ipath}: document indices decrease at entry {i + 1}")
+    if int(doc[-1]) != len(r):
+        raise ShardFormatError(f"{ipath}: last document index is {int(doc[-1])}, expected {len(r)} (the sequence count)")
+    if vocab_size is not None and len(r.tokens):
+        chunk = 1 << 24
+        for start in range(0, len(r.tokens), chunk):
+            part = r.tokens[start : start + chunk]
+            hi, lo = int(part.max()), int(part.min())
+            if hi >= vocab_size or lo < 0:
+                pos = start + int(np.argmax((part >= vocab_size) | (part < 0)))
+                seq = int(np.searchsorted(r.token_offsets(), pos, side="right")) - 1
+                raise ShardFormatError(
+                    f"{bpath}: token id {int(r.tokens[pos])} at token {pos} (sequence {seq}) is outside "
+                    f"the vocabulary of {vocab_size}"
+                )
+    if info is not None:
+        for p, size, digest in ((bpath, info.bin_bytes, info.bin_sha256), (ipath, info.idx_bytes, info.idx_sha256)):
+            if p.stat().st_size != size:
+                raise ShardFormatError(f"{p}: {p.stat().st_size} bytes, manifest says {size}")
+            actual = file_sha256(p)
+            if actual != digest:
+                raise ShardFormatError(f"{p}: sha256 {actual[:16]}... differs from the manifest's {digest[:16]}...: corrupt")
+        counts = (len(r), r.num_tokens, r.num_documents)
+        if counts != (info.sequences, info.tokens, info.documents):
+            raise ShardFormatError(
+                f"{ipath}: holds (sequences, tokens, documents) = {counts}, manifest says "
+                f"{(info.sequences, info.tokens, info.documents)}"
+            )
+    return ShardStats(len(r), r.num_tokens, r.num_documents)
+
+
+def verify_set(directory: str | os.PathLike, tokenizer_sha256: str | None = None) -> Manifest:
+    """Verify a whole shard set: manifest, every shard in full, and optionally the tokenizer."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if tokenizer_sha256 is not None:
+        check_tokenizer(manifest, tokenizer_sha256, str(directory / MANIFEST_NAME))
+    for info in manifest.shards:
+        verify_shard(directory / info.name, manifest.vocab_size, info)
+    return manifest
