@@ -8,7 +8,9 @@ Every field is validated in `__post_init__` and errors name the field, e.g. `mod
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from roberta_ds.errors import ConfigError
@@ -160,3 +162,179 @@ def data_sources(value: Any, name: str) -> tuple[DataSource, ...]:
         else:
             raise ConfigError(f"{name}: cannot read a data source from {item!r}")
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule (RoBERTa, Table 9: base 6e-4 / 24K warmup, large 4e-4 / 30K)."""
+
+    lr: float = 6e-4
+    """Peak learning rate, reached at the end of warmup."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    """Decoupled (AdamW), on tensors with ndim >= 2 only: never on biases or LayerNorm (optim.py)."""
+    warmup_steps: int = 24_000
+    total_steps: int = 500_000
+    """Length of the schedule: linear decay reaches `end_lr` here (also the default number of steps to run)."""
+    end_lr: float = 0.0
+    fused: bool | None = None
+    """torch.optim.AdamW(fused=...): None picks fused where supported (CUDA, and CPU in torch >= 2.4)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two values in [0, 1)")
+        _require(self.eps > 0, "optim.eps", "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(0 <= self.warmup_steps <= self.total_steps, "optim.warmup_steps", "must be in [0, total_steps]")
+        _require(self.total_steps >= 1, "optim.total_steps", "must be >= 1")
+        _require(0 <= self.end_lr <= self.lr, "optim.end_lr", "must be in [0, lr]")
+
+
+OPTIM_PRESETS: dict[str, OptimConfig] = {
+    "tiny": OptimConfig(lr=1e-3, warmup_steps=20, total_steps=400),
+    "roberta-base": OptimConfig(),
+    "roberta-large": OptimConfig(lr=4e-4, warmup_steps=30_000),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One pretraining run. Batch size, precision, ZeRO stage and clipping live in `ds_config`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    model_preset: str = "roberta-base"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tokenizer: str = ""
+    """Tokenizer directory (or tokenizer.json); its sha256 must match every shard set's manifest."""
+    output_dir: str = "runs/roberta"
+    """Checkpoints, metrics.jsonl, TensorBoard logs and a copy of the tokenizer go here."""
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    max_steps: int | None = None
+    """Stop after this optimizer step (default: optim.total_steps); the LR schedule is unaffected."""
+    seed: int = 1
+    """Seeds initialisation and dropout (the data order and masks use data.seed)."""
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_batches: int = 50
+    """Validation micro-batches per rank at each evaluation."""
+    save_interval: int = 1000
+    keep_last: int = 3
+    """Committed checkpoints to keep (older ones are deleted after a new one is committed)."""
+    max_consecutive_skips: int = 10
+    """Abort (after saving) when this many optimizer steps in a row had non-finite loss or gradients."""
+    collective_timeout_s: float = 1800.0
+    """A collective that waits longer than this fails the job, naming the ranks that did not arrive."""
+    init_from: str | None = None
+    """Start from weights made by `roberta-ds import-hf` (continued pretraining)."""
+    compile: bool = False
+    """torch.compile the model before DeepSpeed wraps it."""
+    peak_tflops: float | None = None
+    """Per-device peak for MFU; default from the device name (bf16 dense datasheet figures)."""
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.model.max_seq_len >= self.data.max_seq_len, "data.max_seq_len",
+                 f"{self.data.max_seq_len} exceeds the model's position table "
+                 f"(model.max_positions {self.model.max_positions} serves {self.model.max_seq_len} tokens)")
+        for name in ("log_interval", "eval_interval", "save_interval", "keep_last", "max_consecutive_skips"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+        _require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+
+    @property
+    def last_step(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.optim.total_steps
+
+
+def parse_value(text: str) -> Any:
+    """`--set key=value` values: JSON when it parses (numbers, true/false/null, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `section.field=value` overrides to a nested dict (a copy)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-4")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return out
+
+
+def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**raw)
+
+
+def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig from the nested dict of a YAML/JSON file (+ overrides).
+
+    Sections: `model` (a `preset` plus any ModelConfig field), `data`, `optim` (defaults from the
+    model preset's recipe), and top-level TrainConfig fields.
+    """
+    raw = dict(raw)
+    model_raw = dict(raw.pop("model", {}) or {})
+    preset = str(model_raw.pop("preset", raw.pop("model_preset", "roberta-base")))
+    if "vocab_size" not in model_raw and raw.get("tokenizer"):
+        # The embedding matches the tokenizer unless the config says otherwise (HF export needs no padding).
+        from roberta_ds.tokenizer import load_tokenizer_info
+
+        model_raw["vocab_size"] = load_tokenizer_info(raw["tokenizer"]).vocab_size
+    model = model_config(preset, **model_raw)
+    data_raw = dict(raw.pop("data", {}) or {})
+    for key in ("train", "valid"):
+        data_raw[key] = data_sources(data_raw.get(key), f"data.{key}")
+    data = _build(DataConfig, data_raw, "data")
+    optim_raw = dict(raw.pop("optim", {}) or {})
+    if "betas" in optim_raw:
+        optim_raw["betas"] = tuple(optim_raw["betas"])
+    base = OPTIM_PRESETS.get(preset, OptimConfig())
+    try:
+        optim = dataclasses.replace(base, **optim_raw)
+    except TypeError as e:
+        raise ConfigError(f"optim: {e}") from None
+    return _build(TrainConfig, {**raw, "model": model, "model_preset": preset, "data": data, "optim": optim}, "train")
+
+
+def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML or JSON training config, apply `--set` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text) or {}
+            else:
+                raw = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - both parsers' errors carry line numbers
+            raise ConfigError(f"--config {path}: cannot parse ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping")
+    return train_config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-able dict of any config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -1,0 +1,109 @@
+"""Fault injection at named points of the trainer, for the reliability tests (never set in production).
+
+    ROBERTA_DS_FAULTS="kill_job@save:written:step=4,rank=0; nan@loss:step=3,rank=1"
+
+Each entry is `action@point[:key=value,...]`; `step` and `rank` filter where it fires (absent: any),
+`times` caps how often (default 1). Points: `step` (start of an optimizer step), `loss` (each
+micro-batch loss), `grad` (after the last backward of a step), `save:written`,
+`save:before_rename`, `save:before_pointer`, `eval`. Process actions happen at the point: `kill`
+(SIGKILL this rank), `kill_job` (SIGKILL the whole process group: the launcher and every rank),
+`stop` (SIGSTOP this rank: a hung rank), `sleep=<s>`, `raise`, `sigterm` / `sigusr1` (signal this
+rank). Value actions are returned to the caller: `nan` (poison the loss), `inf` (poison a gradient).
+With the variable unset, `at()` is one attribute check.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from roberta_ds.errors import ConfigError
+
+ENV = "ROBERTA_DS_FAULTS"
+VALUE_ACTIONS = ("nan", "inf")
+PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "raise", "sigterm", "sigusr1")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the `raise` action: an unexpected exception on one rank."""
+
+
+@dataclass
+class Fault:
+    action: str
+    point: str
+    arg: float = 0.0
+    step: int | None = None
+    rank: int | None = None
+    times: int = 1
+    fired: int = field(default=0)
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for entry in filter(None, (e.strip() for e in spec.split(";"))):
+        action, sep, rest = entry.partition("@")
+        if not sep:
+            raise ConfigError(f"{ENV}: {entry!r} lacks '@point'")
+        point, _, filters = rest.partition(":") if not rest.startswith("save:") else _split_save(rest)
+        name, _, arg = action.partition("=")
+        if name not in VALUE_ACTIONS + PROCESS_ACTIONS:
+            raise ConfigError(f"{ENV}: unknown action {name!r}")
+        f = Fault(action=name, point=point, arg=float(arg or 0))
+        for kv in filter(None, filters.split(",")):
+            k, _, v = kv.partition("=")
+            if k not in ("step", "rank", "times"):
+                raise ConfigError(f"{ENV}: unknown filter {k!r} in {entry!r}")
+            setattr(f, k, int(v))
+        faults.append(f)
+    return faults
+
+
+def _split_save(rest: str) -> tuple[str, str, str]:
+    head, _, tail = rest[len("save:"):].partition(":")
+    return "save:" + head, ":", tail
+
+
+class Faults:
+    def __init__(self, spec: str | None = None, rank: int = 0) -> None:
+        spec = os.environ.get(ENV, "") if spec is None else spec
+        self.faults = parse(spec) if spec else []
+        self.rank = rank
+        self.active = bool(self.faults)
+
+    def at(self, point: str, step: int | None = None) -> str | None:
+        """Fire the faults registered for this point/step/rank; returns a value action, if any."""
+        if not self.active:
+            return None
+        value = None
+        for f in self.faults:
+            if f.point != point or f.fired >= f.times:
+                continue
+            if (f.step is not None and f.step != step) or (f.rank is not None and f.rank != self.rank):
+                continue
+            f.fired += 1
+            print(f"[fault] rank {self.rank}: {f.action} at {point} step {step}", flush=True)
+            if f.action in VALUE_ACTIONS:
+                value = f.action
+            else:
+                _act(f)
+        return value
+
+
+def _act(f: Fault) -> None:
+    if f.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif f.action == "kill_job":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    elif f.action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif f.action == "sleep":
+        time.sleep(f.arg)
+    elif f.action == "raise":
+        raise InjectedFault(f"injected exception at {f.point} (step {f.step})")
+    elif f.action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif f.action == "sigusr1":
+        os.kill(os.getpid(), signal.SIGUSR1)

@@ -1,0 +1,125 @@
+"""Choosing, verifying and loading the checkpoint a run resumes from (all ranks take part).
+
+Order of work: pick candidates (`checkpoint.select`), check each against the run (tokenizer, model
+shape, global batch: refused by name, never silently accepted), verify files (sizes everywhere,
+sha256 and pickle safety split across ranks, errors agreed so every rank stops with one message),
+and, when the world size changed, convert once to DeepSpeed's universal format (`ds_to_universal`)
+into `<tag>_universal` (staged + renamed, so a crash mid-conversion never leaves a usable-looking
+folder). Loading itself happens after `deepspeed.initialize` (see train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from roberta_ds import checkpoint as ckpt
+from roberta_ds.errors import CheckpointError
+
+# ModelConfig fields that may change on resume (they do not change the parameters' shapes).
+RESUMABLE_MODEL_CHANGES = {"dropout", "attention_dropout", "activation_checkpointing"}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    chosen: ckpt.Committed
+    load_dir: Path
+    load_tag: str
+    universal: bool
+
+
+def check_compatible(meta: dict[str, Any], *, model: dict[str, Any], tokenizer_sha256: str,
+                     global_batch: int, where: Path) -> None:
+    """Refuse resuming with another tokenizer, model shape or global batch (each named)."""
+    if meta["tokenizer_sha256"] != tokenizer_sha256:
+        raise CheckpointError(
+            f"{where}: trained with tokenizer sha256 {meta['tokenizer_sha256'][:12]}..., but this run's "
+            f"tokenizer (and data manifest) has {tokenizer_sha256[:12]}...; resume with the original "
+            "tokenizer and shards, or start a new run (--resume none, another output_dir)"
+        )
+    diff = {k: (meta["model"].get(k), v) for k, v in model.items()
+            if k not in RESUMABLE_MODEL_CHANGES and meta["model"].get(k) != v}
+    if diff:
+        detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"{where}: belongs to another model shape ({detail})")
+    if meta.get("global_batch") != global_batch:
+        raise CheckpointError(
+            f"{where}: trained with global batch {meta.get('global_batch')}, this run has {global_batch}. "
+            "The data cursor and the LR schedule are per optimizer step of that batch; keep "
+            "train_batch_size unchanged (micro batch and GPU count may change)"
+        )
+
+
+def choose(candidates: list[ckpt.Committed], comm: ckpt.Comm, fallback: bool,
+           check: Callable[[ckpt.Committed], None], log: Callable[[str], None]) -> ckpt.Committed | None:
+    """The first candidate that passes `check` and file verification on every rank."""
+    for i, cand in enumerate(candidates):
+        check(cand)  # a configuration mismatch is never "fallen back" from
+        error = None
+        try:
+            ckpt.verify_files(cand.path, cand.meta, shard=lambda k: k % comm.world == comm.rank)
+        except CheckpointError as e:
+            error = str(e)
+        try:
+            comm.agree_error(error)
+            return cand
+        except CheckpointError as e:
+            if not fallback or i == len(candidates) - 1:
+                hint = "" if fallback else "; --resume-fallback uses the previous complete checkpoint"
+                raise CheckpointError(f"{e}{hint}") from None
+            log(f"checkpoint {cand.tag} refused: {e}; falling back to an earlier one")
+    return None
+
+
+def universal_dir(chosen: ckpt.Committed) -> Path:
+    return chosen.path.with_name(chosen.tag + ckpt.UNIVERSAL_SUFFIX)
+
+
+def convert_to_universal(chosen: ckpt.Committed, comm: ckpt.Comm, log: Callable[[str], None]) -> Path:
+    """Rank 0 runs DeepSpeed's ds_to_universal once (staged, renamed); everyone waits for it."""
+    out = universal_dir(chosen)
+    error = None
+    if comm.rank == 0 and not (out / "zero").is_dir():
+        staging = out.with_name(ckpt.STAGING_PREFIX + out.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"world size changed ({chosen.meta['world_size']} -> {comm.world}): converting {chosen.tag} "
+            f"to DeepSpeed's universal format in {out.name}")
+        try:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(chosen.path), output_folder=str(staging), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+            ckpt._fsync_tree(staging)
+            os.replace(staging, out)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"{chosen.path}: conversion to a universal checkpoint failed: {type(e).__name__}: {e}"
+    comm.agree_error(error)
+    return out
+
+
+def plan_resume(ckpt_dir: Path, resume: str, fallback: bool, comm: ckpt.Comm, *, zero_stage: int,
+                check: Callable[[ckpt.Committed], None], log: Callable[[str], None]) -> ResumePoint | None:
+    """Everything before `deepspeed.initialize`: which checkpoint, and whether it loads as universal."""
+    # Rank 0 reads the directory and everyone uses its answer (no two views of a changing directory).
+    error, tags = None, []
+    if comm.rank == 0:
+        try:
+            tags = [(str(c.path), c.tag) for c in ckpt.select(ckpt_dir, resume, fallback)]
+        except CheckpointError as e:
+            error = str(e)
+    comm.agree_error(error)
+    tags = comm.gather_to_all(tags)[0]
+    candidates = [ckpt.Committed(tag, Path(path), ckpt.read_meta(Path(path))) for path, tag in tags]
+    chosen = choose(candidates, comm, fallback, check, log)
+    if chosen is None:
+        return None
+    universal = chosen.meta["world_size"] != comm.world and (zero_stage > 0 or chosen.meta.get("zero_stage", 0) > 0)
+    if universal:
+        out = convert_to_universal(chosen, comm, log)
+        return ResumePoint(chosen, out.parent, out.name, True)
+    return ResumePoint(chosen, chosen.path.parent, chosen.tag, False)
