@@ -124,6 +124,10 @@ def check_pickle_safe(path: Path) -> None:
 
     Runs the weights-only unpickler (no arbitrary code) with mmap, so the tensors are not read.
     """
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a torch checkpoint archive (truncated, corrupt or another format)")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -1,0 +1,274 @@
+"""The training loop: optimizer steps over the rank's micro-batches, logging, evaluation, checkpoints.
+
+`Trainer.run()` is what `roberta-ds train` does after setup; `Trainer.train_step()` is one
+optimizer step (grad_accum micro-batches), also driven directly by bench/train_throughput.py.
+Host-device synchronisation: one small all-reduce + read per optimizer step (skip and stop flags);
+the loss is read only at log steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from roberta_ds import checkpoint as ckpt
+from roberta_ds import dist
+from roberta_ds.config import config_to_dict
+from roberta_ds.ds_config import precision, zero_stage
+from roberta_ds.faults import Faults
+from roberta_ds.metrics import MetricsSink, Window, console_line, flops_per_token, mfu, peak_tflops
+from roberta_ds.optim import lr_at
+from roberta_ds.runtime import Runtime, all_reduce, comm_device
+from roberta_ds.signals import StopFlag
+from roberta_ds.watchdog import Progress
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, run me again" (the slurm/ templates requeue only on this)
+EXIT_TOO_MANY_SKIPS = 3
+
+
+def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
+    """Our side of a checkpoint's manifest (checkpoint.save adds step, tag and the file list)."""
+    cfg = rt.cfg
+    return {
+        "model": config_to_dict(cfg.model),
+        "config": config_to_dict(cfg),
+        "ds_config": rt.ds,
+        "tokenizer_sha256": rt.tokenizer_sha256,
+        "world_size": rt.plan.world_size,
+        "global_batch": rt.plan.global_batch,
+        "micro_batch": rt.plan.micro_batch,
+        "grad_accum": rt.plan.grad_accum,
+        "zero_stage": zero_stage(rt.ds),
+        "precision": precision(rt.ds),
+        "samples_consumed": rt.step * rt.plan.global_batch,
+        "skipped_steps": rt.skipped_total,
+        "consecutive_skips": consecutive_skips,
+        "data": config_to_dict(cfg.data),
+    }
+
+
+def evaluate(rt: Runtime, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Validation loss (token-weighted over every rank's masked positions) and perplexity."""
+    rt.engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=comm_device(rt.device))
+    with torch.no_grad():
+        for b in batches:
+            b = {k: v.to(rt.device, non_blocking=True) for k, v in b.items()}
+            loss = rt.engine(b["input_ids"], b["mlm_positions"], b["mlm_labels"])  # 0 when nothing is masked
+            n = (b["mlm_labels"] != -100).sum()
+            total += torch.stack([torch.where(n > 0, loss.double() * n, 0.0), n.double()]).to(total.device)
+    rt.engine.train()
+    all_reduce(total)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    value = float(norm.item() if torch.is_tensor(norm) else norm)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def loss_scale(engine: Any) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else None
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase (only measured when Trainer(timed=True): it synchronises the device)."""
+
+    data: float = 0.0
+    forward_backward: float = 0.0
+    optimizer: float = 0.0
+    total: float = 0.0
+
+
+class Trainer:
+    def __init__(self, rt: Runtime, stop: StopFlag, faults: Faults, *, timed: bool = False) -> None:
+        from roberta_ds.data import mask_slots, train_loader, valid_batches
+        from roberta_ds.tokenizer import word_start_table
+
+        self.rt, self.stop, self.faults, self.timed = rt, stop, faults, timed
+        cfg, env, plan = rt.cfg, rt.env, rt.plan
+        self.sink = MetricsSink(rt.out, enabled=env.rank == 0, tensorboard=cfg.tensorboard)
+        self.progress = Progress(env.rank, env.world_size)
+        word_starts = word_start_table(cfg.tokenizer) if cfg.data.whole_word_mask else None
+        self.loader = iter(train_loader(rt.data, cfg.data, rank=env.rank, world_size=env.world_size,
+                                        micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                                        start_step=rt.step, word_starts=word_starts,
+                                        pin_memory=rt.device.type == "cuda"))
+        self.valid = []
+        if cfg.data.valid and cfg.eval_batches:
+            self.valid = list(valid_batches(cfg.data, rank=env.rank, world_size=env.world_size,
+                                            micro_batch=plan.micro_batch, max_batches=cfg.eval_batches,
+                                            word_starts=word_starts))
+        # The head runs on K mask slots per row, so the MFU formula's f is K / T.
+        self.flops_token = flops_per_token(cfg.model, cfg.data.max_seq_len, mask_slots(cfg.data) / cfg.data.max_seq_len)
+        name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
+        self.peak = cfg.peak_tflops or peak_tflops(name)
+        self.comm_dev = comm_device(rt.device)
+        if rt.rng_state is not None:
+            # Last before the first step: creating the DataLoader iterator draws from the global RNG.
+            ckpt.restore_rng(rt.rng_state)
+        self.window = Window()
+        self.loss_sum = torch.zeros((), device=rt.device)
+        self.consecutive_skips = 0
+        self.last_saved = rt.step if rt.step > 0 else -1
+        self.times = StepTimes()
+        self.lr = lr_at(rt.step, cfg.optim)
+
+    # -- one optimizer step -----------------------------------------------------------------
+
+    def _sync(self) -> float:
+        if self.timed and self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        return time.perf_counter()
+
+    def _backward(self, loss: torch.Tensor, step: int, last_micro: bool) -> None:
+        engine = self.rt.engine
+        if self.faults.active and last_micro and self.faults.at("grad", step) == "inf":
+            param = next(p for p in engine.module.parameters() if p.requires_grad)
+            hook = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+            engine.backward(loss)
+            hook.remove()
+        else:
+            engine.backward(loss)
+
+    def train_step(self) -> tuple[bool, bool]:
+        """One optimizer step on every rank; returns (skipped, stopping), agreed by all ranks."""
+        rt, plan, engine = self.rt, self.rt.plan, self.rt.engine
+        step = rt.step
+        self.faults.at("step", step)
+        self.lr = lr_at(step, rt.cfg.optim)
+        for group in rt.optimizer.param_groups:
+            group["lr"] = self.lr
+        tokens = samples = 0
+        t0 = self._sync()
+        for micro in range(plan.grad_accum):
+            last = micro == plan.grad_accum - 1
+            self.progress.mark(step, f"micro-batch {micro}")
+            t_data = time.perf_counter()
+            batch = next(self.loader)
+            tokens += int(batch["num_tokens"])
+            samples += int(batch["input_ids"].shape[0])
+            ids, pos, lab = (batch[k].to(rt.device, non_blocking=True)
+                             for k in ("input_ids", "mlm_positions", "mlm_labels"))
+            t_fb = self._sync()
+            self.times.data += t_fb - t_data
+            loss = engine(ids, pos, lab)
+            if self.faults.active and self.faults.at("loss", step) == "nan":
+                loss = loss * float("nan")
+            self._backward(loss, step, last)
+            t_opt = self._sync()
+            self.times.forward_backward += t_opt - t_fb
+            rt.optimizer.skipped = torch.zeros(())
+            if last:
+                self.progress.mark(step, "optimizer step")
+            engine.step()  # a no-op until the accumulation boundary
+            self.loss_sum += loss.detach().float()
+            self.times.optimizer += self._sync() - t_opt
+        rt.step += 1
+        self.window.add(tokens, samples)
+        # The one host sync per optimizer step: did any rank skip, did any rank get a stop signal?
+        flags = torch.tensor([float(not engine.was_step_applied()), self.stop.value()], device=self.comm_dev)
+        flags[0] = torch.maximum(flags[0], rt.optimizer.skipped.to(self.comm_dev))
+        all_reduce(flags, torch.distributed.ReduceOp.MAX)
+        skipped, stopping = bool(flags[0].item()), bool(flags[1].item())
+        self.times.total += time.perf_counter() - t0
+        if skipped:
+            rt.skipped_total += 1
+            self.consecutive_skips += 1
+            dist.print0(f"[roberta-ds] step {step}: non-finite loss or gradients on some rank; update skipped on "
+                        f"all ranks ({self.consecutive_skips} in a row, {rt.skipped_total} in total)")
+        else:
+            self.consecutive_skips = 0
+        return skipped, stopping
+
+    # -- logging, evaluation, checkpoints ---------------------------------------------------
+
+    def log(self, t_start: float, start_step: int, evaluate_now: bool) -> dict[str, Any]:
+        rt, env, plan = self.rt, self.rt.env, self.rt.plan
+        f64 = dict(dtype=torch.float64, device=self.comm_dev)
+        stats = torch.stack([self.loss_sum.double().to(self.comm_dev), torch.tensor(float(self.window.tokens), **f64),
+                             torch.tensor(float(self.window.samples), **f64)])
+        all_reduce(stats)  # loss summed over the window's micro-batches and ranks; tokens; samples
+        window_micro = self.window.steps * plan.grad_accum * env.world_size
+        seconds = self.window.take()["seconds"]
+        tokens_per_s = stats[1].item() / seconds
+        record: dict[str, Any] = {
+            "step": rt.step, "loss": stats[0].item() / window_micro, "lr": self.lr,
+            "grad_norm": grad_norm(rt.engine), "loss_scale": loss_scale(rt.engine),
+            "skipped_steps": rt.skipped_total, "tokens_per_s": tokens_per_s,
+            "samples_per_s": stats[2].item() / seconds,
+            "mfu": mfu(tokens_per_s, self.flops_token, env.world_size, self.peak),
+            "peak_mem_gib": peak_memory_gib(rt.device), "samples_consumed": rt.step * plan.global_batch,
+        }
+        self.loss_sum.zero_()
+        if evaluate_now:
+            self.progress.mark(rt.step, "evaluation")
+            record["valid_loss"], record["valid_ppl"] = evaluate(rt, self.valid)
+        elapsed = time.perf_counter() - t_start
+        eta = elapsed / max(1, rt.step - start_step) * (rt.cfg.last_step - rt.step)
+        self.sink.log(record)
+        self.sink.print(console_line(record, rt.cfg.last_step, eta))
+        return record
+
+    def save(self, reason: str) -> None:
+        rt = self.rt
+        self.progress.mark(rt.step, f"save ({reason})")
+        path = ckpt.save(rt.engine, rt.out / "checkpoints", rt.step, checkpoint_meta(rt, self.consecutive_skips),
+                         rt.cfg.keep_last, fault=lambda point: self.faults.at(point, rt.step))
+        self.last_saved = rt.step
+        dist.print0(f"[roberta-ds] checkpoint {path} committed ({reason})")
+
+    def run(self) -> int:
+        """Train to cfg.last_step; returns the process exit code (0, REQUEUE_EXIT_CODE, EXIT_TOO_MANY_SKIPS)."""
+        rt, cfg = self.rt, self.rt.cfg
+        t_start, start_step = time.perf_counter(), rt.step
+        try:
+            while rt.step < cfg.last_step:
+                _, stopping = self.train_step()
+                eval_due = bool(self.valid) and (rt.step % cfg.eval_interval == 0 or rt.step == cfg.last_step)
+                if rt.step % cfg.log_interval == 0 or rt.step == cfg.last_step or stopping:
+                    self.log(t_start, start_step, eval_due)
+                elif eval_due:
+                    self.progress.mark(rt.step, "evaluation")
+                    loss, ppl = evaluate(rt, self.valid)
+                    self.sink.log({"step": rt.step, "valid_loss": loss, "valid_ppl": ppl})
+                if self.consecutive_skips >= cfg.max_consecutive_skips:
+                    self.save("too many skipped steps")
+                    dist.print0(
+                        f"[roberta-ds] aborting: {self.consecutive_skips} consecutive optimizer steps had non-finite "
+                        f"loss or gradients (max_consecutive_skips={cfg.max_consecutive_skips}). Checkpoint saved "
+                        f"at step {rt.step}; lower optim.lr, check the data, or resume from an earlier checkpoint")
+                    return EXIT_TOO_MANY_SKIPS
+                if stopping:
+                    self.save(f"signal {self.stop.name()}")
+                    dist.print0(f"[roberta-ds] stopped by {self.stop.name()} at step {rt.step}; exiting with "
+                                f"{REQUEUE_EXIT_CODE} (requeue me)")
+                    return REQUEUE_EXIT_CODE
+                if rt.step % cfg.save_interval == 0:
+                    self.save("interval")
+            if self.last_saved != rt.step:
+                self.save("end of training")
+            return 0
+        finally:
+            self.sink.close()
