@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -152,24 +154,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def index_header(sequences: int, document_entries: int, dtype: np.dtype) -> bytes:
+    """The 34 header bytes of a `.idx` file."""
+    return MAGIC + struct.pack("<QBQQ", VERSION, CODE_OF[np.dtype(dtype)], sequences, document_entries)
+
+
+def write_index(
+    f: BinaryIO, lengths: list[np.ndarray], document_indices: list[np.ndarray], dtype: np.dtype
+) -> None:
+    """Stream a `.idx` to `f` from chunks of sequence lengths and of document indices (0 included).
+
+    Chunk by chunk, so closing a shard of millions of sequences needs no whole-index copies.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    f.write(index_header(sum(map(len, lengths)), sum(map(len, document_indices)), dtype))
+    for chunk in lengths:
+        f.write(np.asarray(chunk).astype("<i4").tobytes())
+    offset = 0  # byte offset of the next sequence in the .bin
+    for chunk in lengths:
+        step = np.asarray(chunk, dtype=np.int64) * itemsize
+        pointers = np.cumsum(step) - step + offset  # exclusive prefix sum: where each sequence starts
+        f.write(pointers.astype("<i8").tobytes())
+        offset += int(step.sum())
+    for chunk in document_indices:
+        f.write(np.asarray(chunk).astype("<i8").tobytes())
+
+
 def encode_index(lengths: np.ndarray, document_indices: np.ndarray, dtype: np.dtype) -> bytes:
     """The exact bytes of a `.idx` file (see the module docstring)."""
-    dtype = np.dtype(dtype)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    pointers = np.zeros(len(lengths), dtype=np.int64)
-    if len(lengths) > 1:
-        np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
-    parts = [
-        MAGIC,
-        struct.pack("<Q", VERSION),
-        struct.pack("<B", CODE_OF[dtype]),
-        struct.pack("<Q", len(lengths)),
-        struct.pack("<Q", len(document_indices)),
-        lengths.astype("<i4").tobytes(),
-        pointers.astype("<i8").tobytes(),
-        np.asarray(document_indices, dtype="<i8").tobytes(),
-    ]
-    return b"".join(parts)
+    buf = io.BytesIO()
+    write_index(buf, [np.asarray(lengths)], [np.asarray(document_indices)], dtype)
+    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -181,12 +196,33 @@ class ShardStats:
     documents: int
 
 
+def checked_cast(ids: np.ndarray, dtype: np.dtype, where: str | os.PathLike) -> np.ndarray:
+    """`ids` as `dtype`, refusing ids that do not fit (70000 as uint16 would silently read back as 4464)."""
+    ids = np.asarray(ids)
+    dtype = np.dtype(dtype)
+    if ids.dtype == dtype:
+        return ids
+    if ids.dtype.kind not in "iub":
+        raise ShardFormatError(f"{where}: token ids must be integers, got dtype {ids.dtype}")
+    if ids.size:
+        info = np.iinfo(dtype)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < info.min or hi > info.max:
+            bad = hi if hi > info.max else lo
+            raise ShardFormatError(
+                f"{where}: token id {bad} does not fit {dtype} (range {info.min}..{info.max}); "
+                "a vocabulary over 65,536 ids needs int32 shards"
+            )
+    return ids.astype(dtype)
+
+
 class ShardWriter:
     """Streams sequences into `<prefix>.bin`; `close()` writes the `.idx` and renames both into place.
 
     Both files are written under temp names (`<prefix>.bin.tmp` ...) and renamed only when complete,
     `.bin` first, so a visible `.idx` always has its full `.bin`. Use as a context manager: an
-    exception inside the block removes the temp files.
+    exception inside the block removes the temp files. Memory: 4 bytes per sequence and 8 per
+    document (the index, streamed out in chunks at close); the tokens go straight to disk.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type) -> None:
@@ -194,55 +230,110 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF or CODE_OF[self.dtype] not in INTEGER_CODES:
             raise ShardFormatError(f"{self.prefix}: token dtype must be an integer type, got {self.dtype}")
-        self._info = np.iinfo(self.dtype)
+        self._disk_dtype = self.dtype.newbyteorder("<")
         self._bin_tmp = Path(f"{bin_path(self.prefix)}.tmp")
         self._idx_tmp = Path(f"{idx_path(self.prefix)}.tmp")
         self._bin = open(self._bin_tmp, "wb")
-        self._lengths: list[int] = []
-        self._doc_index: list[int] = [0]
+        self._lengths: list[np.ndarray] = []  # int32 chunks of sequence lengths
+        self._doc_ends: list[np.ndarray] = [np.zeros(1, np.int64)]  # int64 chunks of document indices
+        self._open_lengths: list[int] = []  # added one at a time since the last flush
+        self._open_doc_ends: list[int] = []
+        self._sequences = 0
+        self._documents = 0
+        self._last_doc_end = 0
         self._tokens = 0
         self._closed = False
 
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far."""
+        return self._tokens
+
+    @property
+    def documents(self) -> int:
+        """Documents closed so far."""
+        return self._documents
+
+    def _write_tokens(self, ids: np.ndarray) -> None:
+        self._bin.write(ids.astype(self._disk_dtype, copy=False).tobytes())
+
+    def _flush_open(self) -> None:
+        if self._open_lengths:
+            self._lengths.append(np.asarray(self._open_lengths, dtype=np.int32))
+            self._open_lengths = []
+        if self._open_doc_ends:
+            self._doc_ends.append(np.asarray(self._open_doc_ends, dtype=np.int64))
+            self._open_doc_ends = []
+
     def add_sequence(self, tokens: np.ndarray | list[int]) -> None:
+        """Append one sequence (a sentence) to the current document."""
         arr = np.asarray(tokens)
         if arr.ndim != 1 or arr.size == 0:
             raise ShardFormatError(f"{self.prefix}: a sequence must be a non-empty 1-D array of token ids")
-        if arr.dtype != self.dtype:
-            # Never wrap silently (70000 stored as uint16 would read back as 4464).
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < self._info.min or hi > self._info.max:
-                bad = hi if hi > self._info.max else lo
-                raise ShardFormatError(
-                    f"{self.prefix}: token id {bad} does not fit {self.dtype} "
-                    f"(range {self._info.min}..{self._info.max}); the vocabulary needs int32 shards"
-                )
-            arr = arr.astype(self.dtype)
-        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-        self._lengths.append(int(arr.size))
+        arr = checked_cast(arr, self.dtype, self.prefix)
+        self._write_tokens(arr)
+        self._open_lengths.append(int(arr.size))
+        self._sequences += 1
         self._tokens += int(arr.size)
+        if len(self._open_lengths) >= 1 << 16:
+            self._flush_open()
 
     def end_document(self) -> None:
         """Close the current document (a no-op for a document with no sequences)."""
-        if self._doc_index[-1] != len(self._lengths):
-            self._doc_index.append(len(self._lengths))
+        if self._last_doc_end != self._sequences:
+            self._open_doc_ends.append(self._sequences)
+            self._last_doc_end = self._sequences
+            self._documents += 1
+
+    def add_documents(
+        self, tokens: np.ndarray, sequence_lengths: np.ndarray, document_sequences: np.ndarray
+    ) -> None:
+        """Append whole documents at once (the fast path).
+
+        tokens: (T,) ids of every sequence back to back; sequence_lengths: (S,) summing to T, each
+        > 0; document_sequences: (D,) sequences per document, each > 0, summing to S.
+        """
+        lengths = np.asarray(sequence_lengths, dtype=np.int64)
+        per_doc = np.asarray(document_sequences, dtype=np.int64)
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or lengths.ndim != 1 or per_doc.ndim != 1:
+            raise ShardFormatError(f"{self.prefix}: add_documents takes 1-D arrays")
+        if int(lengths.sum()) != tokens.size or int(per_doc.sum()) != lengths.size:
+            raise ShardFormatError(
+                f"{self.prefix}: {tokens.size} tokens, sequence lengths summing to {int(lengths.sum())} "
+                f"({lengths.size} sequences), documents covering {int(per_doc.sum())} sequences: inconsistent"
+            )
+        if lengths.size and int(lengths.min()) <= 0 or per_doc.size and int(per_doc.min()) <= 0:
+            raise ShardFormatError(f"{self.prefix}: empty sequences or documents cannot be stored")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise ShardFormatError(f"{self.prefix}: a sequence longer than 2**31 tokens cannot be indexed")
+        self.end_document()  # sequences added one at a time before this belong to a finished document
+        self._flush_open()
+        self._write_tokens(checked_cast(tokens, self.dtype, self.prefix))
+        self._lengths.append(lengths.astype(np.int32))
+        self._doc_ends.append(self._sequences + np.cumsum(per_doc))
+        self._sequences += int(lengths.size)
+        self._tokens += int(tokens.size)
+        self._documents += int(per_doc.size)
+        self._last_doc_end = self._sequences
 
     def close(self) -> ShardStats:
         if self._closed:
             raise ShardFormatError(f"{self.prefix}: writer already closed")
         self.end_document()
+        self._flush_open()
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        data = encode_index(np.asarray(self._lengths, dtype=np.int64), np.asarray(self._doc_index), self.dtype)
         with open(self._idx_tmp, "wb") as f:
-            f.write(data)
+            write_index(f, self._lengths, self._doc_ends, self.dtype)
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(self._idx_tmp, idx_path(self.prefix))
         fsync_dir(self.prefix.parent)
         self._closed = True
-        return ShardStats(len(self._lengths), self._tokens, len(self._doc_index) - 1)
+        return ShardStats(self._sequences, self._tokens, self._documents)
 
     def abort(self) -> None:
         """Drop everything written so far (temp files only; nothing visible was created)."""
@@ -252,7 +343,7 @@ class ShardWriter:
             p.unlink(missing_ok=True)
         self._closed = True
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -281,28 +372,29 @@ def read_index_header(path: Path) -> IndexHeader:
             head = f.read(HEADER_BYTES)
     except FileNotFoundError:
         raise ShardFormatError(f"{path}: file not found") from None
-    if len(head) < 18 or head[:9] != MAGIC:
+    if len(head) < 9 or head[:9] != MAGIC:
         if head[:8] == b"TNTIDX\x00\x00":
             raise ShardFormatError(f"{path}: fairseq/Megatron *lazy* (TNTIDX) index, not an mmap shard")
         raise ShardFormatError(f"{path}: bad magic {head[:9]!r}, expected {MAGIC!r}: not an .idx shard index")
+    if len(head) < 26:
+        raise ShardFormatError(f"{path}: truncated header ({size} bytes, need {HEADER_BYTES})")
     (version,) = struct.unpack("<Q", head[9:17])
     if version != VERSION:
         raise ShardFormatError(f"{path}: unsupported index version {version} (this reader knows {VERSION})")
     code = head[17]
+    (seqs,) = struct.unpack("<Q", head[18:26])
+    # fairseq writes the same magic and version but no document count/indices: 26 + 12 S bytes.
+    if size == 26 + 12 * seqs:
+        raise ShardFormatError(
+            f"{path}: fairseq MMapIndexedDataset layout (no document count or document indices); "
+            "re-tokenize the text with `roberta-ds build-shards` (or convert it with Megatron's tools)"
+        )
     if code not in DTYPE_CODES:
         raise ShardFormatError(f"{path}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
     if code not in INTEGER_CODES:
         raise ShardFormatError(
             f"{path}: dtype code {code} ({DTYPE_CODES[code]}) is not an integer token type; "
             "token shards use code 8 (uint16) or 4 (int32)"
-        )
-    if len(head) < 26:
-        raise ShardFormatError(f"{path}: truncated header ({size} bytes)")
-    (seqs,) = struct.unpack("<Q", head[18:26])
-    if size == 26 + 12 * seqs:
-        raise ShardFormatError(
-            f"{path}: fairseq MMapIndexedDataset layout (no document count or document indices); "
-            "convert it with megatron's tools or re-tokenize with `roberta-ds build-shards`"
         )
     if len(head) < HEADER_BYTES:
         raise ShardFormatError(f"{path}: truncated header ({size} bytes, need {HEADER_BYTES})")
@@ -340,7 +432,9 @@ class ShardReader:
         self.sequence_lengths = np.frombuffer(self._idx, dtype="<i4", count=s, offset=off)
         self.sequence_pointers = np.frombuffer(self._idx, dtype="<i8", count=s, offset=off + 4 * s)
         self.document_indices = np.frombuffer(self._idx, dtype="<i8", count=d, offset=off + 12 * s)
-        expected = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if s else 0
+        expected = (
+            int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if s else 0
+        )
         try:
             actual = bpath.stat().st_size
         except FileNotFoundError:
@@ -350,7 +444,11 @@ class ShardReader:
                 f"{bpath}: size {actual} bytes, but {ipath.name} describes {expected}: "
                 "the .bin is truncated or does not belong to this index"
             )
-        self._bin = np.memmap(bpath, mode="r", dtype=self.dtype.newbyteorder("<")) if actual else np.zeros(0, self.dtype)
+        self._bin = (
+            np.memmap(bpath, mode="r", dtype=self.dtype.newbyteorder("<"))
+            if actual
+            else np.zeros(0, self.dtype)
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {"prefix": str(self.prefix)}
@@ -473,7 +571,9 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
 def read_manifest(directory: str | os.PathLike) -> Manifest:
     """Load and validate a shard set's manifest; errors name the file and the field."""
     directory = Path(directory)
-    path = directory / MANIFEST_NAME if directory.is_dir() or not directory.name.endswith(".json") else directory
+    path = (
+        directory / MANIFEST_NAME if directory.is_dir() or not directory.name.endswith(".json") else directory
+    )
     if not path.is_file():
         hint = " (a build that did not finish leaves no manifest; rerun it)" if directory.is_dir() else ""
         raise ShardFormatError(f"{path}: no manifest; {directory} is not a complete shard set{hint}")
@@ -481,6 +581,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ShardFormatError(f"{path}: expected a JSON object")
     if raw.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{path}: field 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -499,12 +601,16 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         )
     except KeyError as e:
         raise ShardFormatError(f"{path}: missing field {e.args[0]!r}") from None
-    except TypeError as e:
-        raise ShardFormatError(f"{path}: malformed shard entry ({e})") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ShardFormatError(f"{path}: malformed field ({e})") from None
     missing = [k for k in REQUIRED_SPECIALS if k not in manifest.special_ids]
     if missing:
         raise ShardFormatError(f"{path}: special_ids lacks {missing}")
-    if np.dtype(manifest.dtype) != token_dtype(manifest.vocab_size) and np.dtype(manifest.dtype) != np.int32:
+    try:
+        dtype = np.dtype(manifest.dtype)
+    except TypeError:
+        raise ShardFormatError(f"{path}: field 'dtype' is {manifest.dtype!r}, not a numpy dtype") from None
+    if dtype != token_dtype(manifest.vocab_size) and dtype != np.int32:
         raise ShardFormatError(f"{path}: dtype {manifest.dtype} cannot hold vocab_size {manifest.vocab_size}")
     return manifest
 
@@ -540,7 +646,9 @@ def open_shards(directory: str | os.PathLike) -> tuple[Manifest, list[ShardReade
 # Full verification
 
 
-def verify_shard(prefix: str | os.PathLike, vocab_size: int | None = None, info: ShardInfo | None = None) -> ShardStats:
+def verify_shard(
+    prefix: str | os.PathLike, vocab_size: int | None = None, info: ShardInfo | None = None
+) -> ShardStats:
     """Every structural check on one shard; raises ShardFormatError naming the file and the problem.
 
     Header and exact sizes, pointers consistent with lengths, document indices (start 0,
@@ -570,7 +678,9 @@ def verify_shard(prefix: str | os.PathLike, vocab_size: int | None = None, info:
         i = int(np.argmax(np.diff(doc) < 0))
         raise ShardFormatError(f"{ipath}: document indices decrease at entry {i + 1}")
     if int(doc[-1]) != len(r):
-        raise ShardFormatError(f"{ipath}: last document index is {int(doc[-1])}, expected {len(r)} (the sequence count)")
+        raise ShardFormatError(
+            f"{ipath}: last document index is {int(doc[-1])}, expected {len(r)} (the sequence count)"
+        )
     if vocab_size is not None and len(r.tokens):
         chunk = 1 << 24
         for start in range(0, len(r.tokens), chunk):
@@ -584,12 +694,17 @@ def verify_shard(prefix: str | os.PathLike, vocab_size: int | None = None, info:
                     f"the vocabulary of {vocab_size}"
                 )
     if info is not None:
-        for p, size, digest in ((bpath, info.bin_bytes, info.bin_sha256), (ipath, info.idx_bytes, info.idx_sha256)):
+        for p, size, digest in (
+            (bpath, info.bin_bytes, info.bin_sha256),
+            (ipath, info.idx_bytes, info.idx_sha256),
+        ):
             if p.stat().st_size != size:
                 raise ShardFormatError(f"{p}: {p.stat().st_size} bytes, manifest says {size}")
             actual = file_sha256(p)
             if actual != digest:
-                raise ShardFormatError(f"{p}: sha256 {actual[:16]}... differs from the manifest's {digest[:16]}...: corrupt")
+                raise ShardFormatError(
+                    f"{p}: sha256 {actual[:16]}... differs from the manifest's {digest[:16]}...: corrupt"
+                )
         counts = (len(r), r.num_tokens, r.num_documents)
         if counts != (info.sequences, info.tokens, info.documents):
             raise ShardFormatError(
@@ -606,5 +721,14 @@ def verify_set(directory: str | os.PathLike, tokenizer_sha256: str | None = None
     if tokenizer_sha256 is not None:
         check_tokenizer(manifest, tokenizer_sha256, str(directory / MANIFEST_NAME))
     for info in manifest.shards:
-        verify_shard(directory / info.name, manifest.vocab_size, info)
+        prefix = directory / info.name
+        for p in (bin_path(prefix), idx_path(prefix)):
+            if not p.is_file():
+                raise ShardFormatError(f"{p}: listed in {directory / MANIFEST_NAME} but missing")
+        dtype = read_index_header(idx_path(prefix)).dtype
+        if dtype != np.dtype(manifest.dtype):
+            raise ShardFormatError(
+                f"{idx_path(prefix)}: dtype {dtype}, but the manifest says {manifest.dtype}"
+            )
+        verify_shard(prefix, manifest.vocab_size, info)
     return manifest
