@@ -21,6 +21,9 @@ script (where SLURM_PROCID is 0) and inherited by every task of the `srun` step.
 `init_process_group`, `check_world()` compares the world torch.distributed built with what the
 launcher promised (`expected_world_size`): a wrong PMI setting silently makes N one-process worlds.
 
+The SLURM and MPI readings live in `dist_slurm.py` and `dist_mpi.py`; import everything from here.
+`python -m roberta_ds.dist` prints one process's discovery (the slurm/ templates run it first).
+
 Typical use (train.py):
     expected = expected_world_size()       # what the launcher promised
     env = discover(); export_env(env)      # RANK, WORLD_SIZE, ... for env:// initialisation
@@ -30,16 +33,34 @@ Typical use (train.py):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import re
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
+from roberta_ds.dist_mpi import (
+    MPI_MARKERS,
+    Comm,
+    MpiCommFactory,
+    free_port,
+    mpi4py_comms,
+    mpi_agrees,
+    mpi_place,
+)
+from roberta_ds.dist_slurm import (
+    SLURM_PORT_BASE,
+    SLURM_PORT_SPAN,
+    parse_tasks_per_node,
+    scontrol_hostnames,
+    slurm_place,
+    slurm_port,
+    slurm_step_applies,
+)
+from roberta_ds.dist_slurm import env_int as _int
 from roberta_ds.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,13 +68,12 @@ log = logging.getLogger(__name__)
 SOURCES = ("torchrun", "deepspeed", "env", "slurm", "mpi", "single")
 DEFAULT_PORT = 29500
 """MASTER_PORT for a single process or an environment that names no port (torch's default)."""
-SLURM_PORT_BASE = 20000
-SLURM_PORT_SPAN = 12000
-"""Derived SLURM ports lie in [20000, 32000): below Linux's ephemeral range (32768-60999), so an
-outgoing connection on the master node cannot already hold the port."""
 
-# Variables that only an MPI launcher sets (OpenMPI's mpirun, MPICH/hydra, srun --mpi=pmi2/pmix).
-_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK")
+# Public names, including those that live in dist_slurm / dist_mpi (import them from here).
+__all__ = ["DEFAULT_PORT", "SLURM_PORT_BASE", "SLURM_PORT_SPAN", "SOURCES", "Comm", "DistEnv", "MpiCommFactory",
+           "check_world", "discover", "expected_world_size", "export_env", "log_source", "parse_tasks_per_node",
+           "print0", "scontrol_hostnames", "slurm_port"]
+_free_port = free_port  # the name tests use
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,9 @@ class DistEnv:
     master_port: int
     source: str
     """Which launcher's variables were used: one of SOURCES."""
+    mpi_size: int | None = field(default=None, compare=False)
+    """COMM_WORLD's size as mpi4py saw it (source "mpi", or the srun + PMI cross-check); None when MPI
+    was not consulted. Shown by `log_source`, so logs say whether MPI agreed."""
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -86,80 +109,12 @@ class DistEnv:
             raise ConfigError(f"MASTER_PORT {self.master_port} is not a TCP port (1-65535)")
 
 
-class Comm(Protocol):
-    """The part of an mpi4py communicator discovery uses."""
-
-    def Get_rank(self) -> int: ...  # noqa: N802 (mpi4py's names)
-    def Get_size(self) -> int: ...  # noqa: N802
-    def bcast(self, obj: Any, root: int = 0) -> Any: ...
-
-
-MpiCommFactory = Callable[[], "tuple[Comm, Comm]"]
-"""Returns (COMM_WORLD, the node-local communicator). Injected by unit tests."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # Small parsers (pure)
 
 
-def _int(environ: Mapping[str, str], name: str) -> int:
-    value = environ.get(name)
-    if value is None:
-        raise ConfigError(f"{name} is not set")
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer") from None
-
-
 def _port_or_default(environ: Mapping[str, str]) -> int:
     return _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_PORT
-
-
-def parse_tasks_per_node(value: str) -> list[int]:
-    """Expand SLURM's compressed tasks-per-node list: '2(x3),1' -> [2, 2, 2, 1]."""
-    out: list[int] = []
-    for part in value.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise ConfigError(f"cannot parse SLURM tasks-per-node list {value!r} (expected e.g. '2(x3),1')")
-        out += [int(m.group(1))] * int(m.group(2) or 1)
-    return out
-
-
-def slurm_port(job_id: int, step_id: int = 0) -> int:
-    """Rendezvous port for an srun step: the same on every task, different for nearby jobs and steps.
-
-    20000 + (7 * job_id + step_id) % 12000. 7 is coprime to 12000, so any 12000 consecutive job ids
-    get distinct ports, and steps 0-6 of a job collide neither with each other nor with the next
-    job's. MASTER_PORT in the environment overrides it.
-    """
-    return SLURM_PORT_BASE + (7 * job_id + step_id) % SLURM_PORT_SPAN
-
-
-def scontrol_hostnames(nodelist: str) -> list[str]:
-    """Expand a SLURM hostlist ('node[01-03],gpu7') with `scontrol show hostnames`."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            check=True, capture_output=True, text=True, timeout=30,
-        ).stdout
-    except FileNotFoundError:
-        raise ConfigError(
-            f"scontrol is not on PATH, so SLURM_STEP_NODELIST={nodelist!r} cannot be expanded: "
-            "set MASTER_ADDR to the first node's hostname"
-        ) from None
-    except subprocess.CalledProcessError as e:
-        raise ConfigError(f"`scontrol show hostnames {nodelist}` failed: {e.stderr.strip()}") from None
-    hosts = out.split()
-    if not hosts:
-        raise ConfigError(f"`scontrol show hostnames {nodelist}` printed no hosts")
-    return hosts
-
-
-def _is_plain_hostname(nodelist: str) -> bool:
-    """A one-node list needs no expansion ('vm', not 'n[1-2]' or 'a,b')."""
-    return bool(nodelist) and not any(c in nodelist for c in "[],")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,126 +193,6 @@ def _from_torch_env(environ: Mapping[str, str]) -> DistEnv:
     )
 
 
-def _slurm_step_applies(environ: Mapping[str, str]) -> tuple[bool, str]:
-    """(True, "") if the SLURM step variables describe this process's world, else (False, why)."""
-    if "SLURM_STEP_NUM_TASKS" not in environ:
-        return False, ""
-    if "OMPI_COMM_WORLD_SIZE" in environ:
-        return False, ("ignoring SLURM_* variables: OMPI_COMM_WORLD_SIZE is set (processes of mpirun "
-                       "inherit SLURM_PROCID from the step or batch script that ran mpirun)")
-    pmi_size, pmi_rank = environ.get("PMI_SIZE"), environ.get("PMI_RANK")
-    if pmi_size is not None and pmi_size != environ["SLURM_STEP_NUM_TASKS"]:
-        # MPICH's mpiexec (hydra) starts one proxy per node with srun: the step's tasks are the
-        # proxies, PMI_SIZE the MPI world. Decided on sizes, so every rank takes the same path.
-        return False, (f"ignoring SLURM_* variables: PMI_SIZE={pmi_size} differs from SLURM_STEP_NUM_TASKS="
-                       f"{environ['SLURM_STEP_NUM_TASKS']} (an MPI launcher inside the step)")
-    if pmi_rank is not None and pmi_rank != environ.get("SLURM_PROCID"):
-        raise ConfigError(
-            f"contradictory environment: PMI_RANK={pmi_rank} but SLURM_PROCID={environ.get('SLURM_PROCID')} "
-            f"in a step of SLURM_STEP_NUM_TASKS={environ['SLURM_STEP_NUM_TASKS']} = PMI_SIZE tasks: the MPI "
-            "launcher numbers ranks differently from srun; launch with `srun --mpi=pmi2|pmix` directly, "
-            "or with mpiexec outside srun"
-        )
-    return True, ""
-
-
-def _from_slurm(
-    environ: Mapping[str, str], hostnames: Callable[[str], list[str]]
-) -> DistEnv:
-    missing = [v for v in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID") if v not in environ]
-    if missing:
-        raise ConfigError(f"SLURM_STEP_NUM_TASKS is set but {', '.join(missing)} not: not a normal srun step")
-    rank, world = _int(environ, "SLURM_PROCID"), _int(environ, "SLURM_STEP_NUM_TASKS")
-    local_rank = _int(environ, "SLURM_LOCALID")
-    if not 0 <= rank < world:
-        raise ConfigError(f"SLURM_PROCID={rank} is not below SLURM_STEP_NUM_TASKS={world}")
-
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
-    if not nodelist:
-        raise ConfigError("SLURM_STEP_NODELIST (and SLURM_JOB_NODELIST) is empty: cannot find rank 0's node")
-    hosts: list[str] | None = None
-    if "MASTER_ADDR" in environ:
-        master = environ["MASTER_ADDR"]
-    elif _is_plain_hostname(nodelist):
-        master = nodelist
-    else:
-        hosts = hostnames(nodelist)
-        master = hosts[0]
-
-    # Tasks on this node: SLURM_STEP_TASKS_PER_NODE lists them per node of the step, in nodelist order.
-    per_node = parse_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
-                                    or environ.get("SLURM_TASKS_PER_NODE") or str(world))
-    if len(per_node) == 1:
-        node_index = 0
-    else:
-        here = environ.get("SLURMD_NODENAME")
-        hosts = hosts if hosts is not None else hostnames(nodelist)
-        if here in hosts:
-            node_index = hosts.index(here)
-        else:
-            node_index = _int(environ, "SLURM_NODEID")
-        if node_index >= len(per_node):
-            raise ConfigError(f"node index {node_index} is outside the tasks-per-node list {per_node}")
-    local_world = per_node[node_index]
-
-    if "MASTER_PORT" in environ:
-        port = _int(environ, "MASTER_PORT")
-    else:
-        step_id = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID") or "0"
-        port = slurm_port(_int(environ, "SLURM_JOB_ID"), int(step_id) if step_id.isdigit() else 0)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
-                   master_addr=master, master_port=port, source="slurm")
-
-
-def _mpi4py_comms() -> tuple[Comm, Comm]:
-    """COMM_WORLD and its shared-memory (node-local) split, from mpi4py (initialises MPI)."""
-    try:
-        from mpi4py import MPI  # lazy: an optional extra, and importing it calls MPI_Init
-    except ImportError as e:
-        if getattr(e, "name", None) == "mpi4py" or "No module named" in str(e):
-            raise ConfigError(
-                "this process was started by an MPI launcher (OMPI_COMM_WORLD_*/PMI_* variables) but "
-                "mpi4py is not installed: `pip install roberta-ds[mpi]` (mpi4py), or launch with "
-                "torchrun, the deepspeed launcher or srun"
-            ) from None
-        raise ConfigError(f"mpi4py cannot load an MPI library ({e}): install one (e.g. Debian's "
-                          "openmpi-bin libopenmpi-dev) or the `mpich` wheel") from None
-    except RuntimeError as e:  # mpi4py wheels load libmpi at import time
-        raise ConfigError(f"mpi4py cannot load an MPI library ({e}): install one (e.g. Debian's "
-                          "openmpi-bin libopenmpi-dev) or the `mpich` wheel") from None
-    world = MPI.COMM_WORLD
-    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    return world, local
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def _from_mpi(environ: Mapping[str, str], comms: MpiCommFactory) -> DistEnv:
-    world, local = comms()
-    rank, size = world.Get_rank(), world.Get_size()
-    promised = _mpi_promised_size(environ)
-    if promised is not None and size != promised[1]:
-        raise ConfigError(
-            f"MPI world size mismatch: {promised[0]}={promised[1]} but mpi4py's COMM_WORLD has {size} "
-            "process(es). mpi4py's MPI library is not the one that launched this process (e.g. "
-            "mpich's mpiexec with an OpenMPI-linked mpi4py, or srun with the wrong --mpi=): each "
-            "process then runs alone. Launch with the matching mpirun, or srun --mpi=pmix (OpenMPI) "
-            "/ --mpi=pmi2 (MPICH)"
-        )
-    # Rank 0 chooses the rendezvous; every rank takes part in the broadcast (a collective).
-    offer = None
-    if rank == 0:
-        offer = (environ.get("MASTER_ADDR") or socket.gethostname(),
-                 int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else _free_port())
-    addr, port = world.bcast(offer, root=0)
-    return DistEnv(rank=rank, world_size=size, local_rank=local.Get_rank(), local_world_size=local.Get_size(),
-                   master_addr=str(addr), master_port=int(port), source="mpi")
-
-
 def _mpi_promised_size(environ: Mapping[str, str]) -> tuple[str, int] | None:
     for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if name in environ:
@@ -365,22 +200,13 @@ def _mpi_promised_size(environ: Mapping[str, str]) -> tuple[str, int] | None:
     return None
 
 
-def _check_mpi_agrees(env: DistEnv, environ: Mapping[str, str], comms: MpiCommFactory) -> None:
-    """Under srun --mpi=pmix/pmi2 with MPI in use: MPI must see the same world as the SLURM step."""
-    try:
-        world, _ = comms()
-    except ConfigError as e:
-        log.info("srun step with PMI variables; skipping the mpi4py cross-check (%s)", e)
-        return
-    size = world.Get_size()
-    if size != env.world_size or world.Get_rank() != env.rank:
-        raise ConfigError(
-            f"srun step says rank {env.rank} of SLURM_STEP_NUM_TASKS={env.world_size}, but mpi4py says "
-            f"rank {world.Get_rank()} of {size}: the step's --mpi= plugin does not match the MPI "
-            "library mpi4py uses (OpenMPI needs srun --mpi=pmix, MPICH --mpi=pmi2), so each process "
-            "is its own MPI world. Fix the --mpi= flag or set ROBERTA_DS_MPI=0 if MPI is not needed"
-        )
-    log.info("mpi4py agrees with the srun step: rank %d of %d", env.rank, size)
+def _from_mpi(environ: Mapping[str, str], comms: MpiCommFactory) -> DistEnv:
+    port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else None
+    # socket.gethostname looked up at call time: tests patch it.
+    p = mpi_place(comms, _mpi_promised_size(environ), master_addr=environ.get("MASTER_ADDR") or None,
+                  master_port=port, hostname=lambda: socket.gethostname())
+    return DistEnv(rank=p.rank, world_size=p.size, local_rank=p.local_rank, local_world_size=p.local_size,
+                   master_addr=p.master_addr, master_port=p.master_port, source="mpi", mpi_size=p.size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,24 +228,28 @@ def discover(
     environment, never touches MPI (an MPI launch is then an error).
     """
     environ = os.environ if environ is None else environ
-    comms = mpi_comm_factory or _mpi4py_comms
+    comms = mpi_comm_factory or mpi4py_comms
     use_mpi = use_mpi and environ.get("ROBERTA_DS_MPI", "1") != "0"
 
     if "RANK" in environ:
         env = _from_torch_env(environ)
     else:
-        applies, why = _slurm_step_applies(environ)
+        applies, why = slurm_step_applies(environ)
         if why:
             log.info(why)
-        mpi_launch = any(v in environ for v in _MPI_MARKERS)
+        mpi_launch = any(v in environ for v in MPI_MARKERS)
         if applies:
-            env = _from_slurm(environ, hostnames)
+            p = slurm_place(environ, hostnames)
+            env = DistEnv(rank=p.rank, world_size=p.world_size, local_rank=p.local_rank,
+                          local_world_size=p.local_world_size, master_addr=p.master_addr,
+                          master_port=p.master_port, source="slurm")
             if use_mpi and any(v in environ for v in ("PMIX_RANK", "PMI_RANK")):
-                _check_mpi_agrees(env, environ, comms)
+                size = mpi_agrees(env.rank, env.world_size, comms)
+                env = dataclasses.replace(env, mpi_size=size)
         elif mpi_launch:
             if not use_mpi:
                 raise ConfigError(
-                    "started by an MPI launcher (" + ", ".join(v for v in _MPI_MARKERS if v in environ)
+                    "started by an MPI launcher (" + ", ".join(v for v in MPI_MARKERS if v in environ)
                     + ") but MPI discovery is off (use_mpi=False or ROBERTA_DS_MPI=0): launch with "
                     "torchrun, the deepspeed launcher or srun, or allow MPI"
                 )
@@ -463,7 +293,7 @@ def expected_world_size(environ: Mapping[str, str] | None = None) -> int | None:
     for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if environ.get(name):
             return _int(environ, name)
-    applies, _ = _slurm_step_applies(environ)
+    applies, _ = slurm_step_applies(environ)
     if applies:
         return _int(environ, "SLURM_STEP_NUM_TASKS")
     if environ.get("SLURM_NTASKS") and "SLURM_STEP_NUM_TASKS" not in environ:
@@ -504,9 +334,11 @@ def check_world(env: DistEnv, actual_world_size: int, expected: int | None) -> N
 
 
 def log_source(env: DistEnv) -> str:
-    """One line: 'rank 1/2 (local 1/2) from slurm; rendezvous vm:21234'."""
+    """One line: 'rank 1/2 (local 1/2) from slurm; rendezvous vm:21234', plus ', mpi4py world 2'
+    after the source when MPI was consulted."""
+    mpi = f", mpi4py world {env.mpi_size}" if env.mpi_size is not None else ""
     return (f"rank {env.rank}/{env.world_size} (local {env.local_rank}/{env.local_world_size}) "
-            f"from {env.source}; rendezvous {env.master_addr}:{env.master_port}")
+            f"from {env.source}{mpi}; rendezvous {env.master_addr}:{env.master_port}")
 
 
 def _global_rank() -> int:
@@ -529,3 +361,32 @@ def print0(*args: Any, env: DistEnv | None = None, **kwargs: Any) -> None:
         file.write((" " if sep is None else sep).join(map(str, args)) + ("\n" if end is None else end))
         if flush:
             file.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m roberta_ds.dist`: one line per process saying what discovery finds (a launch preflight).
+
+    Run it under the same launcher as the trainer (`srun python -m roberta_ds.dist`): every task
+    prints its host, rank, world and rendezvous, or the ConfigError that the trainer would stop
+    with, without importing torch. Exit 1 on an error or when the world differs from the launcher's
+    promise (e.g. a forgotten `srun`).
+    """
+    if argv:
+        print("usage: python -m roberta_ds.dist   (takes no arguments)", file=sys.stderr)
+        return 2
+    host = socket.gethostname()
+    try:
+        expected = expected_world_size()
+        env = discover()
+        check_world(env, env.world_size, expected)
+    except ConfigError as e:
+        print(f"[roberta-ds dist] {host}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    # One write(2) per line: the tasks of a step share one output stream.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"[roberta-ds dist] {host}: {log_source(env)}\n".encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -109,7 +109,7 @@ class SlurmCluster:
             check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
         """Run any command (srun, sinfo, mpirun, ...) against this cluster; text output captured."""
         proc = subprocess.run(list(argv), env=self.env(env), capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd)
+                              cwd=cwd, check=False)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
                                f"stderr:\n{proc.stderr}")
@@ -181,7 +181,31 @@ class SlurmCluster:
     def requeue(self, job_id: int) -> None:
         """Requeue and start again now (plain `scontrol requeue` waits ~120 s before restarting)."""
         self.run(["scontrol", "requeue", str(job_id)])
+        self.start_now(job_id)
+
+    def start_now(self, job_id: int) -> None:
+        """Let a requeued (pending) job start at once instead of after SLURM's requeue delay.
+
+        Only for a job requeued after it ended: one killed by its requeue (e.g. a job that requeued
+        itself) has a revoked credential until `cred_expire` (10 s here, see start_slurm.sh), and
+        starting it earlier fails it ("Job credential revoked"). Let SLURM start those.
+        """
         self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+
+    def wait_requeued(self, job_id: int, restarts: int = 1, timeout: float = 120) -> None:
+        """Wait until the job is pending again after its `restarts`-th requeue (e.g. one the job's
+        own script asked for); TimeoutError with `describe()` if it ends or keeps running instead."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job_info(job_id)
+            if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) >= restarts:
+                return
+            if info.get("JobState") in FINAL_STATES:
+                break
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} was not requeued (state {info.get('JobState')}, restarts "
+                           f"{info.get('Restarts')})\n{self.describe(job_id)}")
 
     def output_path(self, job_id: int) -> Path:
         return self.jobs_dir / f"{job_id}.out"
@@ -226,14 +250,14 @@ def slurm_cluster(base: str | Path | None = None, *, auth: str = "none", with_mp
         "SLURM_WITH_MPI": "1" if with_mpi else "0",
         "SLURMCTLD_PORT": str(ctld_port), "SLURMD_PORT": str(slurmd_port),
     })
-    proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True, timeout=900, check=False)
     cluster = SlurmCluster(root)
     try:
         if proc.returncode != 0:
             raise RuntimeError(f"start_slurm.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         yield cluster
     finally:
-        subprocess.run(["bash", str(STOP), str(root)], capture_output=True, text=True, timeout=60)
+        subprocess.run(["bash", str(STOP), str(root)], capture_output=True, text=True, timeout=60, check=False)
         if made and not keep and os.environ.get("ROBERTA_DS_SLURM_KEEP") != "1":
             shutil.rmtree(root, ignore_errors=True)
 

@@ -17,6 +17,8 @@
 #   SLURM_WITH_MPI    1 (default): also OpenMPI + PMIx, for `mpirun` and `srun --mpi=pmix`
 #   SLURMCTLD_PORT, SLURMD_PORT   (default 6817, 6818; the Python harness picks free ones)
 #   SLURM_NODE_CPUS   CPUs the node advertises (default: nproc, at least 2 so 2-task tests run)
+#   SLURM_CRED_EXPIRE job credential lifetime in s (default 10; SLURM's is 120). It is also how long
+#                     a job that requeued itself (killed by the requeue) must wait to start again.
 set -euo pipefail
 BASE=${SLURM_BASE:-$(mktemp -d /tmp/roberta-ds-slurm.XXXXXX)}
 AUTH=${SLURM_AUTH:-none}
@@ -69,6 +71,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/${AUTH}
 CredType=cred/${AUTH}
+# A job killed by `scontrol requeue` (e.g. its own, after a signal-triggered save) has its credential
+# revoked until it expires: only then can it start again. 10 s instead of 120 keeps requeue tests short.
+AuthInfo=cred_expire=${SLURM_CRED_EXPIRE:-10}
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -77,6 +82,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# Look at pending jobs every 2 s (default 60): a requeued job starts soon after it may.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # config_overrides: trust the CPUs below even on a 1-core CI runner (node not drained).

@@ -1,0 +1,63 @@
+# shellcheck shell=bash
+# Sourced by slurm/pretrain*.sbatch: the signal, wait and requeue protocol, in one place.
+#
+# The trainer treats SIGUSR1/SIGUSR2/SIGTERM as "stop soon": all ranks save one checkpoint together
+# at the next optimizer-step boundary and exit with REQUEUE_EXIT_CODE (75). The batch script gets the
+# time-limit warning (#SBATCH --signal=B:USR1@...), passes it to the step, and requeues the job when
+# -- and only when -- the step exits 75. Exit 0 ends the job; any other code is a real failure and
+# ends it too, so a crash never loops through the queue.
+
+REQUEUE_EXIT_CODE=75
+
+say() { echo "[${RDS_SCRIPT:-roberta-ds}] $*"; }
+
+# run_training CMD...: run CMD (an `srun ...` line) in the background, pass USR1/USR2 that reach
+# this shell on to it, wait for it, then act on its exit code (see the top of this file). Requeues
+# at most MAX_REQUEUES times (SLURM_RESTART_COUNT counts them). Never returns.
+run_training() {
+  local srun_pid="" rc=0 restarts=${SLURM_RESTART_COUNT:-0}
+  # bash runs a trap only between commands; `wait` returns as soon as a trapped signal arrives, so
+  # the step gets the signal at once (srun passes it to every process of the step).
+  # shellcheck disable=SC2317  # invoked by the traps below
+  _forward() {
+    say "got SIG$1; passing it to the step (the ranks save at the next step boundary, then exit 75)"
+    if [ -n "$srun_pid" ]; then kill -s "$1" "$srun_pid" 2>/dev/null || true; fi
+  }
+  trap '_forward USR1' USR1
+  trap '_forward USR2' USR2
+  "$@" &
+  srun_pid=$!
+  while kill -0 "$srun_pid" 2>/dev/null; do
+    wait "$srun_pid" || true
+  done
+  wait "$srun_pid" || rc=$?   # bash keeps a finished child's status: this is the step's exit code
+  trap - USR1 USR2
+
+  if [ "$rc" = 0 ]; then
+    say "training finished (exit 0)"
+    exit 0
+  fi
+  if [ "$rc" != "$REQUEUE_EXIT_CODE" ]; then
+    say "training failed with exit code ${rc}; not requeued (the error is above)"
+    exit "$rc"
+  fi
+  if (( restarts >= ${MAX_REQUEUES:-50} )); then
+    say "checkpoint saved, but not requeued: already requeued ${restarts} times (MAX_REQUEUES=${MAX_REQUEUES:-50})"
+    exit "$REQUEUE_EXIT_CODE"
+  fi
+  say "checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID} (restart $(( restarts + 1 )))"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    say "scontrol requeue failed; resubmit this script: it resumes from the checkpoint"
+    exit "$REQUEUE_EXIT_CODE"
+  fi
+  exit 0
+}
+
+# venv_env: the venv's bin first on PATH (its `ninja` for DeepSpeed's JIT ops) and one extension
+# cache per venv (two venvs sharing a cache rebuild the ops on every run). No-op when VENV="".
+venv_env() {
+  if [ -n "${VENV:-}" ]; then
+    export PATH="$VENV/bin:$PATH"
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
+  fi
+}
