@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The prepared one-GPU run of bench/train_throughput.py: every case and its Hugging Face baseline in
+# one call, on one card, compile warm-ups inside, the final table printed last.
+#
+# On the workstation, once (fills the git-ignored .whl/ with deepspeed 0.19.8, hjson, pydantic; ~5 MB):
+#     bash ../shared/gpu/prepare-wheels.sh
+# Then ONE device call (the session's `run` tool), carry [".whl"], timeout_s 600:
+#     bash bench/gpu_run.sh
+# Only if device time is left and the machine is still warm (compiled kernels cached in
+# TORCHINDUCTOR_CACHE_DIR), the cases the budget skipped, WITH their baseline again (ratios are
+# only computed inside one call):
+#     bash bench/gpu_run.sh --cases hf_base512_m64 <the skipped cases...>
+# CPU check of this script (tiny models): SKIP_WHEELS=1 OUT=/tmp/o bash bench/gpu_run.sh --smoke --cases ...
+#
+# Comes back under $OUT: table.txt (the final table), results.json (every row), run.log,
+# logs/<case>.log (one per case process), profile_base512_m64.txt (torch.profiler, one optimizer step).
+# BUDGET_S (default 480 s) bounds the case sequence: a case is not started with < 40 s left, a case
+# still running at the end is killed (its row says timeout), and the table is printed either way.
+# On an H200 the device line and the table header say so; the baselines ran on the same card.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-/tmp/roberta-ds-gpu-out}
+mkdir -p "$OUT"
+# SKIP_WHEELS=1: deepspeed is installed already (a CPU check of this script)
+if [ -z "${SKIP_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl \
+    || { echo "no wheels: run bash ../shared/gpu/prepare-wheels.sh here and carry .whl"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# DeepSpeed's JIT builds misparse the arch "9.0a" (../shared/gpu/README.md); none is expected, to be safe.
+export TORCH_CUDA_ARCH_LIST=9.0
+# A second call on the same warm machine reuses the compiled kernels.
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+date -u +"date %Y-%m-%dT%H:%M:%SZ"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader \
+  || echo "no nvidia-smi"
+python3 -c "import torch, deepspeed, transformers as t; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', t.__version__)" || exit 1
+python3 bench/train_throughput.py --budget-s "${BUDGET_S:-480}" --work /tmp/roberta-ds-bench \
+  --logs "$OUT/logs" --json "$OUT/results.json" --profile "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
+rc=${PIPESTATUS[0]}
+sed -n '/^== roberta-ds training throughput/,$p' "$OUT/run.log" > "$OUT/table.txt"
+exit "$rc"
