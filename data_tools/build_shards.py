@@ -266,7 +266,11 @@ class Progress:
 # The build
 
 
-def _settings(
+class NoDocumentsError(UserError):
+    """The inputs hold no usable (non-blank) document."""
+
+
+def build_settings(
     files: list[Path],
     tok: TokenizerInfo,
     valid_fraction: float,
@@ -291,7 +295,7 @@ def _settings(
     }
 
 
-def _prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Create `out` or check that it holds a build with the same settings (to resume it)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file; give a directory")
@@ -338,7 +342,7 @@ def _remove_build(out: Path) -> None:
     (out / BUILD_STATE).unlink(missing_ok=True)
 
 
-def _already_complete(out: Path, settings: dict[str, Any]) -> dict[str, Manifest] | None:
+def already_complete(out: Path, settings: dict[str, Any]) -> dict[str, Manifest] | None:
     if not all((out / s / MANIFEST_NAME).is_file() for s in SPLITS):
         return None
     manifests = {}
@@ -402,9 +406,9 @@ def build_shards(
     dtype = token_dtype(tok.vocab_size)
     files = resolve_inputs(inputs)
     out = Path(out_dir)
-    settings = _settings(files, tok, valid_fraction, shard_tokens, text_field, on_decode_error, seed)
-    _prepare_output(out, settings, overwrite)
-    done = _already_complete(out, settings)
+    settings = build_settings(files, tok, valid_fraction, shard_tokens, text_field, on_decode_error, seed)
+    prepare_output(out, settings, overwrite)
+    done = already_complete(out, settings)
     if done is not None:
         if progress:
             print(f"build-shards: {out} is already complete", file=sys.stderr)
@@ -479,7 +483,7 @@ def build_shards(
         for split in SPLITS:
             if (out / split).is_dir() and not any((out / split).iterdir()):
                 (out / split).rmdir()
-        raise UserError(
+        raise NoDocumentsError(
             f"no usable documents in {len(files)} input file(s): {stats.skipped_empty} empty or whitespace-only "
             f"documents skipped" + (f" (JSONL field {text_field!r})" if text_field != "text" else "")
         )

@@ -42,10 +42,12 @@ from data_tools.build_shards import (
     DEFAULT_SHARD_TOKENS,
     DEFAULT_VALID_FRACTION,
     SPLITS,
+    NoDocumentsError,
     SplitWriter,
-    _already_complete,
-    _prepare_output,
-    _settings,
+    already_complete,
+    prepare_output,
+    split_manifest,
+    build_settings,
     build_shards,
     usable_cores,
 )
@@ -147,9 +149,7 @@ def build_part(
             )
             created = manifests["train"].created_by
             stats = {k: int(created[k]) for k in stats}
-        except UserError as e:
-            if not str(e).startswith("no usable documents"):
-                raise
+        except NoDocumentsError:
             # Only blank documents in this range: nothing to store, but the counts still add up to
             # the single-machine build's.
             read = ReadStats()
@@ -226,7 +226,7 @@ def merge_parts(
     tok = load_tokenizer_info(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     files = resolve_inputs(inputs)
-    settings = _settings(
+    settings = build_settings(
         files,
         tok,
         options.valid_fraction,
@@ -235,8 +235,8 @@ def merge_parts(
         options.on_decode_error,
         options.seed,
     )
-    _prepare_output(out, settings, overwrite=False)
-    done = _already_complete(out, settings)
+    prepare_output(out, settings, overwrite=False)
+    done = already_complete(out, settings)
     if done is not None:
         _remove_parts(out, keep_parts)
         return done
@@ -283,7 +283,7 @@ def merge_parts(
         infos[split] = writer.finish()
     documents_read = sum(r["documents_read"] for r in records)
     if documents_read == 0:
-        raise UserError(f"no usable documents in {len(files)} input file(s)")
+        raise NoDocumentsError(f"no usable documents in {len(files)} input file(s)")
     if not infos["valid"] and options.valid_fraction > 0:
         print(
             f"build-shards: warning: no document fell in the validation split (valid_fraction "
@@ -292,22 +292,10 @@ def merge_parts(
         )
     manifests = {}
     for split in SPLITS:
-        # Field for field what build_shards writes (the byte-identity test compares the files).
-        manifests[split] = Manifest(
-            tokenizer_sha256=tok.sha256,
-            vocab_size=tok.vocab_size,
-            special_ids=dict(tok.special_ids),
-            dtype=dtype.name,
-            shards=tuple(infos[split]),
-            created_by={
-                "command": "roberta-ds build-shards",
-                "split": split,
-                **{k: v for k, v in settings.items() if k != "input_bytes"},
-                "documents_read": documents_read,
-                "documents_skipped_empty": sum(r["documents_skipped_empty"] for r in records),
-                "decode_replacements": sum(r["decode_replacements"] for r in records),
-            },
-        )
+        counts = ReadStats(documents=documents_read,
+                           skipped_empty=sum(r["documents_skipped_empty"] for r in records),
+                           replacements=sum(r["decode_replacements"] for r in records))
+        manifests[split] = split_manifest(split, tok, infos[split], settings, counts)
         write_manifest(out / split, manifests[split])
     if progress:
         print(
