@@ -32,10 +32,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for p in (str(REPO), str(REPO / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
-import numpy as np  # noqa: E402
+import numpy as np
+from synthetic_data import write_synthetic_index
 
 
 def build_real_shards(work: Path) -> tuple[Path, Path]:
@@ -127,64 +129,6 @@ def bench_throughput(seconds: float, batch: int, work: Path) -> None:
     )
 
 
-def write_synthetic_index(out: Path, tokens: int, sentences: int, shards: int, seed: int = 0) -> dict:
-    """A valid shard set of the given size with sparse .bin files; returns its totals."""
-    from roberta_ds.shards import (
-        Manifest,
-        ShardInfo,
-        bin_path,
-        encode_index,
-        idx_path,
-        token_dtype,
-        write_manifest,
-    )
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    mean = tokens / sentences
-    infos, total_tokens, total_docs = [], 0, 0
-    for i in range(shards):
-        s = sentences // shards + (1 if i < sentences % shards else 0)
-        lengths = rng.geometric(1.0 / mean, size=s).astype(np.int64)
-        lengths[rng.random(s) < 1e-4] = 1500  # a few sentences longer than a block (split)
-        doc_sizes = rng.geometric(0.1, size=s // 5 + 10)  # ~10 sentences per document
-        ends = np.cumsum(doc_sizes)
-        ends = np.concatenate([ends[ends < s], [s]])
-        doc_indices = np.concatenate([[0], ends])
-        prefix = out / f"shard-{i:05d}"
-        idx_bytes = encode_index(lengths, doc_indices, token_dtype(50265))
-        idx_path(prefix).write_bytes(idx_bytes)
-        n_tok = int(lengths.sum())
-        with open(bin_path(prefix), "wb") as f:
-            f.truncate(n_tok * 2)  # sparse: takes no disk
-        infos.append(
-            ShardInfo(
-                name=prefix.name,
-                sequences=s,
-                tokens=n_tok,
-                documents=len(doc_indices) - 1,
-                bin_bytes=n_tok * 2,
-                idx_bytes=len(idx_bytes),
-                bin_sha256="0" * 64,
-                idx_sha256="0" * 64,
-            )
-        )
-        total_tokens += n_tok
-        total_docs += len(doc_indices) - 1
-        del lengths, idx_bytes
-    write_manifest(
-        out,
-        Manifest(
-            tokenizer_sha256="0" * 64,
-            vocab_size=50265,
-            special_ids={"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4},
-            dtype="uint16",
-            shards=tuple(infos),
-        ),
-    )
-    return {"tokens": total_tokens, "sentences": sentences, "documents": total_docs}
-
-
 def _proc_status() -> dict:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -243,7 +187,9 @@ def bench_open(tokens: int, sentences: int, shards: int, work: Path) -> None:
     results = {}
     for trace in (False, True):
         cmd = [sys.executable, __file__, "--_open", str(path)] + (["--_trace"] if trace else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False
+        )
         if proc.returncode:
             sys.exit(f"open case failed:\n{proc.stderr}")
         results[trace] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,6 +16,7 @@ MB/s counts the UTF-8 bytes of the documents' text. Peak RSS is the largest sing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -48,14 +49,13 @@ def make_corpus(out: Path, mb: float, files: int = 8, text_dir: Path | None = No
     repeats = max(1, -(-int(mb * 1e6) // size))
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"corpus-{i:02d}.jsonl" for i in range(files)]
-    handles = [open(p, "w", encoding="utf-8") for p in paths]
-    n = 0
-    for _ in range(repeats):
-        for line in lines:
-            handles[n % files].write(line)
-            n += 1
-    for h in handles:
-        h.close()
+    with contextlib.ExitStack() as stack:  # every file closed, also when a write fails
+        handles = [stack.enter_context(open(p, "w", encoding="utf-8")) for p in paths]
+        n = 0
+        for _ in range(repeats):
+            for line in lines:
+                handles[n % files].write(line)
+                n += 1
     return paths
 
 

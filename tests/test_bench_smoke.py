@@ -21,6 +21,9 @@ from roberta_ds.quickstart import launcher_env
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
+import cases
+import parity
+import table
 import train_throughput as tt
 
 TABLE_HEADER = "== roberta-ds training throughput"
@@ -95,9 +98,9 @@ def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
     p = by["parity"]
     assert p["ok"], p
     assert len(p["ours_losses"]) == len(p["ref_losses"]) == 6
-    assert p["max_rel_gap"] <= p["rtol"] == tt.PARITY_RTOL
+    assert p["max_rel_gap"] <= p["rtol"] == parity.PARITY_RTOL
     assert p["loss_drop"] / p["ref_losses"][0] > 2 * p["rtol"]
-    assert p["update_cosine"] >= tt.PARITY_MIN_COSINE
+    assert p["update_cosine"] >= parity.PARITY_MIN_COSINE
     assert any(ln.startswith("parity") and " OK: " in ln for ln in lines)
 
 
@@ -111,11 +114,11 @@ def test_smoke_case_in_child_process(tmp_path: Path) -> None:
 
 def test_compare_losses_tolerance() -> None:
     ref = [7.0, 6.5, 6.0]
-    assert tt.compare_losses([7.01, 6.49, 6.02], ref)["losses_ok"]
-    assert not tt.compare_losses([7.0, 6.5, 6.5], ref)["losses_ok"]  # an update lost: 8% off
-    assert not tt.compare_losses([7.0, math.nan, 6.0], ref)["losses_ok"]
+    assert parity.compare_losses([7.01, 6.49, 6.02], ref)["losses_ok"]
+    assert not parity.compare_losses([7.0, 6.5, 6.5], ref)["losses_ok"]  # an update lost: 8% off
+    assert not parity.compare_losses([7.0, math.nan, 6.0], ref)["losses_ok"]
     with pytest.raises(ValueError):
-        tt.compare_losses([1.0], ref)
+        parity.compare_losses([1.0], ref)
 
 
 def test_update_cosine() -> None:
@@ -125,8 +128,8 @@ def test_update_cosine() -> None:
     ref = {"w": torch.tensor([1.0, 2.0, 0.0, 0.0]), "b": torch.tensor([1.0, 1.5])}
     same = {"w": torch.tensor([1.01, 1.99, 0.0, 0.0]), "b": torch.tensor([1.0, 1.49])}
     other = {"w": torch.tensor([0.0, 0.0, 1.0, -2.0]), "b": torch.tensor([1.0, 1.0])}
-    assert tt.update_cosine(init, same, ref) > 0.999
-    assert abs(tt.update_cosine(init, other, ref)) < 1e-9
+    assert parity.update_cosine(init, same, ref) > 0.999
+    assert abs(parity.update_cosine(init, other, ref)) < 1e-9
 
 
 def _row(
@@ -157,7 +160,7 @@ def test_format_table_ratios_goals_and_failures() -> None:
         _row("large", "ours", 100e3, model="large", goal=220e3),
         {"case": "gone", "status": "timeout", "error": "rc timeout"},
     ]
-    lines = tt.format_table(rows, gpu=True).splitlines()
+    lines = table.format_table(rows, gpu=True).splitlines()
     get = {ln.split()[0]: ln for ln in lines if ln and not ln.startswith(("-", "case"))}
     assert (
         "3.00x" in get["ours64"] and "2.40x" in get["ours64"] and "PASS" in get["ours64"]
@@ -166,7 +169,7 @@ def test_format_table_ratios_goals_and_failures() -> None:
     assert "1.25x" in get["hfc"]  # compiled HF vs HF+DeepSpeed at the same micro
     assert "-" in get["large"].split()[-4:-2] and "miss" in get["large"]  # no HF row for large: no ratio
     assert get["gone"].split()[1].startswith("TIMEOUT")
-    assert "n/a (CPU)" in tt.format_table(rows, gpu=False)
+    assert "n/a (CPU)" in table.format_table(rows, gpu=False)
 
 
 def test_budget_spent_skips_without_starting(tmp_path: Path) -> None:
@@ -181,6 +184,6 @@ def test_budget_spent_skips_without_starting(tmp_path: Path) -> None:
 def test_smoke_cases_fit_the_tiny_model() -> None:
     from roberta_ds.config import PRESETS
 
-    for c in tt.CASES:
-        s = tt.smoke_case(c)
+    for c in cases.CASES:
+        s = cases.smoke_case(c)
         assert s.model == "tiny" and s.seq <= PRESETS["tiny"].max_seq_len and s.micro >= 1 and not s.compile

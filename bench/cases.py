@@ -1,0 +1,91 @@
+"""The case table of bench/train_throughput.py: what each case trains, and its CPU (--smoke) analogue.
+
+A case names one measurement: our real training path (`ours`), the bf16-vs-fp32 check (`parity`), or a
+Hugging Face baseline (`hf_ds`, `hf_compiled`; bench/hf_baseline.py), with its model preset, sequence
+length, micro batch, accumulation, precision and ZeRO stage. CASES is in GPU priority order: a run cut
+short by its budget still has the headline rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    impl: str
+    """ours | parity | hf_ds | hf_compiled"""
+    model: str
+    """Preset: roberta-base | roberta-large (tiny analogues with --smoke)."""
+    seq: int
+    micro: int
+    accum: int = 8
+    checkpointing: bool = False
+    compile: bool = True
+    precision: str = "bf16"
+    """bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master); autocast: DeepSpeed's torch_autocast."""
+    zero: int = 2
+    overrides: tuple[tuple[str, Any], ...] = ()
+    """Extra ModelConfig fields, e.g. (("num_layers", 4),)."""
+    goal: float | None = None
+    """tokens/s goal on one H100 (the issue's)."""
+
+
+B, L = "roberta-base", "roberta-large"
+CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget still has the headline
+    Case("base512_m64", "ours", B, 512, 64, goal=600e3),
+    Case("hf_base512_m64", "hf_ds", B, 512, 64, compile=False),
+    Case("hf_base512_m32", "hf_ds", B, 512, 32, compile=False),
+    Case("parity", "parity", B, 512, 8, accum=2, overrides=(("num_layers", 4),)),
+    Case("base512_m64_autocast", "ours", B, 512, 64, precision="autocast", goal=600e3),
+    Case("base512_m128", "ours", B, 512, 128, goal=600e3),
+    Case("large512_m32", "ours", L, 512, 32, goal=220e3),
+    Case("hf_large512_m32", "hf_ds", L, 512, 32, compile=False),
+    Case("large512_m32_ckpt", "ours", L, 512, 32, checkpointing=True, goal=220e3),
+    Case("base128_m256", "ours", B, 128, 256),
+    Case("hf_base128_m256", "hf_ds", B, 128, 256, compile=False),
+    Case("base512_m32", "ours", B, 512, 32, goal=600e3),
+    Case("hf_compiled_base512_m64", "hf_compiled", B, 512, 64),
+    Case("base512_m64_eager", "ours", B, 512, 64, compile=False, goal=600e3),
+    Case("base512_m64_autocast_z1", "ours", B, 512, 64, precision="autocast", zero=1, goal=600e3),
+    Case("base512_m8_a1", "ours", B, 512, 8, accum=1),  # a 1024-GPU rank's shape (8K batch): plan's input
+)
+BY_NAME = {c.name: c for c in CASES}
+
+
+def smoke_case(c: Case) -> Case:
+    """The CPU analogue: tiny model (large -> 4 layers), seq 512 -> 64, micro / 32, accumulation <= 2."""
+    layers = (("num_layers", 4),) if c.model == L else ()
+    micro = max(1, c.micro // 32) * (2 if c.impl == "parity" else 1)
+    return dataclasses.replace(
+        c,
+        model="tiny",
+        seq=64 if c.seq >= 512 else 32,
+        micro=micro,
+        accum=min(c.accum, 2),
+        overrides=layers,
+        compile=False,
+    )
+
+
+def resolve(c: Case, opts: argparse.Namespace) -> Case:
+    """The case as this run measures it: its smoke analogue with --smoke, compile forced by --(no-)compile."""
+    c = smoke_case(c) if opts.smoke else c
+    return dataclasses.replace(c, compile=opts.compile) if opts.compile is not None else c
+
+
+def steps_for(c: Case, opts: argparse.Namespace) -> int:
+    """Optimizer steps per window: --steps, or more so a window holds >= --min-window-tokens positions."""
+    return max(opts.steps, math.ceil(opts.min_window_tokens / (c.micro * c.accum * c.seq)))
+
+
+def model_label(c: Case) -> str:
+    """The table's model column: preset without "roberta-", overrides (num_layers -> L) and ",ckpt"."""
+    short = {"num_layers": "L"}
+    extra = "".join(f",{short.get(k, k)}{v}" for k, v in c.overrides)
+    return c.model.replace("roberta-", "") + extra + (",ckpt" if c.checkpointing else "")
