@@ -4,12 +4,15 @@
 
 Each entry is `action@point[:key=value,...]`; `step` and `rank` filter where it fires (absent: any),
 `times` caps how often (default 1). Points: `step` (start of an optimizer step), `loss` (each
-micro-batch loss), `grad` (after the last backward of a step), `save:written`,
-`save:before_rename`, `save:before_pointer`, `eval`. Process actions happen at the point: `kill`
-(SIGKILL this rank), `kill_job` (SIGKILL the whole process group: the launcher and every rank),
-`stop` (SIGSTOP this rank: a hung rank), `sleep=<s>`, `raise`, `sigterm` / `sigusr1` (signal this
-rank). Value actions are returned to the caller: `nan` (poison the loss), `inf` (poison a gradient).
-With the variable unset, `at()` is one attribute check.
+micro-batch loss), `grad` (the last backward of a step), `save:written` (this rank's files written,
+not yet fsynced), `save:before_rename` (manifest written, not committed), `save:before_pointer`
+(committed, `latest` not yet updated). Process actions happen at the point: `kill` (SIGKILL this
+rank), `kill_job` (SIGKILL the whole process group: the launcher and every rank), `stop` (SIGSTOP
+this rank: a hung rank), `sleep=<s>`, `raise`, `sigterm` / `sigusr1` (signal this rank),
+`sigterm_tree` (SIGTERM to this rank's DataLoader workers, then to it: a scheduler signalling
+every process), `unlink=<path>` / `truncate=<path>` (delete a file, or cut it to half its size: a
+data shard vanishing or shrinking under the run). Value actions are returned to the caller: `nan`
+(poison the loss), `inf` (poison a gradient). With the variable unset, `at()` is one attribute check.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from roberta_ds.errors import ConfigError
 
 ENV = "ROBERTA_DS_FAULTS"
 VALUE_ACTIONS = ("nan", "inf")
-PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "raise", "sigterm", "sigusr1")
+PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "raise", "sigterm", "sigterm_tree", "sigusr1",
+                   "unlink", "truncate")
+_NEEDS_ARG = {"sleep": "seconds", "unlink": "a path", "truncate": "a path"}
 
 
 class InjectedFault(RuntimeError):
@@ -34,7 +39,7 @@ class InjectedFault(RuntimeError):
 class Fault:
     action: str
     point: str
-    arg: float = 0.0
+    arg: str = ""
     step: int | None = None
     rank: int | None = None
     times: int = 1
@@ -51,7 +56,14 @@ def parse(spec: str) -> list[Fault]:
         name, _, arg = action.partition("=")
         if name not in VALUE_ACTIONS + PROCESS_ACTIONS:
             raise ConfigError(f"{ENV}: unknown action {name!r}")
-        f = Fault(action=name, point=point, arg=float(arg or 0))
+        if name in _NEEDS_ARG and not arg:
+            raise ConfigError(f"{ENV}: {entry!r}: {name} needs {_NEEDS_ARG[name]} ({name}=...)")
+        if name == "sleep":
+            try:
+                float(arg)
+            except ValueError:
+                raise ConfigError(f"{ENV}: {entry!r}: sleep needs seconds, got {arg!r}") from None
+        f = Fault(action=name, point=point, arg=arg)
         for kv in filter(None, filters.split(",")):
             k, _, v = kv.partition("=")
             if k not in ("step", "rank", "times"):
@@ -100,10 +112,20 @@ def _act(f: Fault) -> None:
     elif f.action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
     elif f.action == "sleep":
-        time.sleep(f.arg)
+        time.sleep(float(f.arg))
     elif f.action == "raise":
         raise InjectedFault(f"injected exception at {f.point} (step {f.step})")
     elif f.action == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif f.action == "sigterm_tree":
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
     elif f.action == "sigusr1":
         os.kill(os.getpid(), signal.SIGUSR1)
+    elif f.action == "unlink":
+        os.unlink(f.arg)
+    elif f.action == "truncate":
+        os.truncate(f.arg, os.path.getsize(f.arg) // 2)

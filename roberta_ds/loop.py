@@ -23,7 +23,7 @@ from roberta_ds.faults import Faults
 from roberta_ds.metrics import MetricsSink, Window, console_line, flops_per_token, mfu, peak_tflops
 from roberta_ds.optim import lr_at
 from roberta_ds.runtime import Runtime, all_reduce, comm_device
-from roberta_ds.signals import StopFlag
+from roberta_ds.signals import StopFlag, children_ignore_stop_signals
 from roberta_ds.watchdog import Progress
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, run me again" (the slurm/ templates requeue only on this)
@@ -111,10 +111,11 @@ class Trainer:
         self.sink = MetricsSink(rt.out, enabled=env.rank == 0, tensorboard=cfg.tensorboard)
         self.progress = Progress(env.rank, env.world_size)
         word_starts = word_start_table(cfg.tokenizer) if cfg.data.whole_word_mask else None
-        self.loader = iter(train_loader(rt.data, cfg.data, rank=env.rank, world_size=env.world_size,
-                                        micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-                                        start_step=rt.step, word_starts=word_starts,
-                                        pin_memory=rt.device.type == "cuda"))
+        with children_ignore_stop_signals():  # the DataLoader's workers start here
+            self.loader = iter(train_loader(rt.data, cfg.data, rank=env.rank, world_size=env.world_size,
+                                            micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                                            start_step=rt.step, word_starts=word_starts,
+                                            pin_memory=rt.device.type == "cuda"))
         self.valid = []
         if cfg.data.valid and cfg.eval_batches:
             self.valid = list(valid_batches(cfg.data, rank=env.rank, world_size=env.world_size,
@@ -134,6 +135,7 @@ class Trainer:
         self.last_saved = rt.step if rt.step > 0 else -1
         self.times = StepTimes()
         self.lr = lr_at(rt.step, cfg.optim)
+        self.progress.start_heartbeat()  # lets a failing peer tell a dead or frozen rank from a slow one
 
     # -- one optimizer step -----------------------------------------------------------------
 
@@ -241,34 +243,43 @@ class Trainer:
 
     def run(self) -> int:
         """Train to cfg.last_step; returns the process exit code (0, REQUEUE_EXIT_CODE, EXIT_TOO_MANY_SKIPS)."""
+        try:
+            code = self._train()
+        finally:
+            self.progress.stop_heartbeat()
+            self.sink.close()
+        # On an error the process exits at once (train.main kills the workers); here they stop in order
+        # (they ignore SIGTERM: signals.py).
+        self.loader.close()
+        return code
+
+    def _train(self) -> int:
         rt, cfg = self.rt, self.rt.cfg
         t_start, start_step = time.perf_counter(), rt.step
-        try:
-            while rt.step < cfg.last_step:
-                _, stopping = self.train_step()
-                eval_due = bool(self.valid) and (rt.step % cfg.eval_interval == 0 or rt.step == cfg.last_step)
-                if rt.step % cfg.log_interval == 0 or rt.step == cfg.last_step or stopping:
-                    self.log(t_start, start_step, eval_due)
-                elif eval_due:
-                    self.progress.mark(rt.step, "evaluation")
-                    loss, ppl = evaluate(rt, self.valid)
-                    self.sink.log({"step": rt.step, "valid_loss": loss, "valid_ppl": ppl})
-                if self.consecutive_skips >= cfg.max_consecutive_skips:
-                    self.save("too many skipped steps")
-                    dist.print0(
-                        f"[roberta-ds] aborting: {self.consecutive_skips} consecutive optimizer steps had non-finite "
-                        f"loss or gradients (max_consecutive_skips={cfg.max_consecutive_skips}). Checkpoint saved "
-                        f"at step {rt.step}; lower optim.lr, check the data, or resume from an earlier checkpoint")
-                    return EXIT_TOO_MANY_SKIPS
-                if stopping:
-                    self.save(f"signal {self.stop.name()}")
-                    dist.print0(f"[roberta-ds] stopped by {self.stop.name()} at step {rt.step}; exiting with "
-                                f"{REQUEUE_EXIT_CODE} (requeue me)")
-                    return REQUEUE_EXIT_CODE
-                if rt.step % cfg.save_interval == 0:
-                    self.save("interval")
-            if self.last_saved != rt.step:
-                self.save("end of training")
-            return 0
-        finally:
-            self.sink.close()
+        while rt.step < cfg.last_step:
+            _, stopping = self.train_step()
+            eval_due = bool(self.valid) and (rt.step % cfg.eval_interval == 0 or rt.step == cfg.last_step)
+            if rt.step % cfg.log_interval == 0 or rt.step == cfg.last_step or stopping:
+                self.log(t_start, start_step, eval_due)
+            elif eval_due:
+                self.progress.mark(rt.step, "evaluation")
+                loss, ppl = evaluate(rt, self.valid)
+                self.sink.log({"step": rt.step, "valid_loss": loss, "valid_ppl": ppl})
+            if self.consecutive_skips >= cfg.max_consecutive_skips:
+                self.save("too many skipped steps")
+                dist.print0(
+                    f"[roberta-ds] aborting: {self.consecutive_skips} consecutive optimizer steps had non-finite "
+                    f"loss or gradients (max_consecutive_skips={cfg.max_consecutive_skips}). Checkpoint saved "
+                    f"at step {rt.step}; lower optim.lr, check the data, or resume from an earlier checkpoint")
+                return EXIT_TOO_MANY_SKIPS
+            if stopping:
+                cause = self.stop.name()  # before the save: a signal during it changes nothing
+                self.save(f"signal {cause}")
+                dist.print0(f"[roberta-ds] stopped by {cause} at step {rt.step}; exiting with "
+                            f"{REQUEUE_EXIT_CODE} (requeue me)")
+                return REQUEUE_EXIT_CODE
+            if rt.step % cfg.save_interval == 0:
+                self.save("interval")
+        if self.last_saved != rt.step:
+            self.save("end of training")
+        return 0

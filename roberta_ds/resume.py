@@ -1,16 +1,20 @@
 """Choosing, verifying and loading the checkpoint a run resumes from (all ranks take part).
 
-Order of work: pick candidates (`checkpoint.select`), check each against the run (tokenizer, model
-shape, global batch: refused by name, never silently accepted), verify files (sizes everywhere,
-sha256 and pickle safety split across ranks, errors agreed so every rank stops with one message),
-and, when the world size changed, convert once to DeepSpeed's universal format (`ds_to_universal`)
-into `<tag>_universal` (staged + renamed, so a crash mid-conversion never leaves a usable-looking
-folder). Loading itself happens after `deepspeed.initialize` (see train.py).
+Order of work: pick candidates (`checkpoint.select`: the newest committed first), check each
+against the run (tokenizer, model shape, global batch: refused by name, never silently accepted),
+verify files (sizes everywhere, sha256, unlisted files and pickle safety split across ranks,
+errors agreed so every rank stops with one message; with --resume-fallback a refused checkpoint
+is skipped for the next older one), and, when the world size changed, convert once to
+DeepSpeed's universal format (`ds_to_universal`) into `<tag>_universal` (staged, given its own
+manifest, renamed; a reused conversion is verified like a checkpoint, and converted again if it
+fails). Loading itself happens after `deepspeed.initialize` (see train.py), by DeepSpeed's loader,
+which unpickles with weights_only=False: only what passed these checks reaches it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -58,12 +62,13 @@ def choose(candidates: list[ckpt.Committed], comm: ckpt.Comm, fallback: bool,
            check: Callable[[ckpt.Committed], None], log: Callable[[str], None]) -> ckpt.Committed | None:
     """The first candidate that passes `check` and file verification on every rank."""
     for i, cand in enumerate(candidates):
-        check(cand)  # a configuration mismatch is never "fallen back" from
-        error = None
-        try:
-            ckpt.verify_files(cand.path, cand.meta, shard=lambda k: k % comm.world == comm.rank)
-        except CheckpointError as e:
-            error = str(e)
+        error = cand.error  # an unreadable manifest: refused like a corrupt file
+        if error is None:
+            check(cand)  # a configuration mismatch is never "fallen back" from
+            try:
+                ckpt.verify_files(cand.path, cand.meta, shard=lambda k: k % comm.world == comm.rank)
+            except CheckpointError as e:
+                error = str(e)
         try:
             comm.agree_error(error)
             return cand
@@ -75,15 +80,55 @@ def choose(candidates: list[ckpt.Committed], comm: ckpt.Comm, fallback: bool,
     return None
 
 
+def _tidy(ckpt_dir: Path, chosen: ckpt.Committed, log: Callable[[str], None]) -> None:
+    """Rank 0, once a checkpoint is chosen: newer ones out of auto's way, `latest` naming the chosen one."""
+    moved = ckpt.supersede(ckpt_dir, chosen.step)
+    if moved:
+        log(f"resuming from {chosen.tag}: moved the newer checkpoint(s) {', '.join(moved)} to "
+            f"{ckpt_dir / 'superseded'} so that a later --resume auto does not jump forward to them")
+    try:
+        pointer = ckpt.read_pointer(ckpt_dir)
+    except CheckpointError:
+        pointer = None
+    if pointer != chosen.tag:
+        if pointer is not None and (ckpt.step_of(pointer) or 0) < chosen.step:
+            log(f"{ckpt_dir / ckpt.POINTER_NAME} named {pointer}, but {chosen.tag} is committed (the job "
+                "stopped between the commit and the pointer update); resuming from the newer one")
+        ckpt.atomic_write_bytes(ckpt_dir / ckpt.POINTER_NAME, chosen.tag.encode())
+
+
 def universal_dir(chosen: ckpt.Committed) -> Path:
     return chosen.path.with_name(chosen.tag + ckpt.UNIVERSAL_SUFFIX)
 
 
-def convert_to_universal(chosen: ckpt.Committed, comm: ckpt.Comm, log: Callable[[str], None]) -> Path:
-    """Rank 0 runs DeepSpeed's ds_to_universal once (staged, renamed); everyone waits for it."""
-    out = universal_dir(chosen)
+def _reusable(out: Path, comm: ckpt.Comm, log: Callable[[str], None]) -> bool:
+    """Is an existing conversion complete and unaltered? (verified like a checkpoint, split across ranks)"""
+    exists = comm.gather_to_all((out / ckpt.META_NAME).is_file() if comm.rank == 0 else False)[0]
+    if not exists:
+        return False
     error = None
-    if comm.rank == 0 and not (out / "zero").is_dir():
+    try:
+        meta = json.loads((out / ckpt.META_NAME).read_text())
+        ckpt.verify_files(out, meta, shard=lambda k: k % comm.world == comm.rank)
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        error = str(e)
+    errors = [e for e in comm.gather_to_all(error) if e]
+    if errors:
+        log(f"{out.name}: refused ({errors[0]}); converting again")
+    return not errors
+
+
+def convert_to_universal(chosen: ckpt.Committed, comm: ckpt.Comm, log: Callable[[str], None]) -> Path:
+    """Rank 0 runs DeepSpeed's ds_to_universal once (staged, renamed); everyone waits for it.
+
+    The conversion gets a manifest of its own (sizes and sha256 of every file), so a later resume
+    reuses it only after verifying it as it would a checkpoint (DeepSpeed unpickles these files too).
+    """
+    out = universal_dir(chosen)
+    if _reusable(out, comm, log):
+        return out
+    error = None
+    if comm.rank == 0:
         staging = out.with_name(ckpt.STAGING_PREFIX + out.name)
         shutil.rmtree(staging, ignore_errors=True)
         log(f"world size changed ({chosen.meta['world_size']} -> {comm.world}): converting {chosen.tag} "
@@ -94,7 +139,15 @@ def convert_to_universal(chosen: ckpt.Committed, comm: ckpt.Comm, log: Callable[
             ds_to_universal(argparse.Namespace(
                 input_folder=str(chosen.path), output_folder=str(staging), num_extract_workers=1,
                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+            solo = ckpt.Comm.single()
+            meta = {"universal_of": chosen.tag, "step": chosen.step, "files": ckpt.file_table(staging, solo)}
+            for f in meta["files"]:  # vetted before anything loads them
+                if f.endswith(".pt"):
+                    ckpt.check_pickle_safe(staging / f)
+            ckpt.atomic_write_bytes(staging / ckpt.META_NAME, (json.dumps(meta, indent=1) + "\n").encode())
             ckpt._fsync_tree(staging)
+            if out.exists():
+                shutil.rmtree(out)
             os.replace(staging, out)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             error = f"{chosen.path}: conversion to a universal checkpoint failed: {type(e).__name__}: {e}"
@@ -114,10 +167,17 @@ def plan_resume(ckpt_dir: Path, resume: str, fallback: bool, comm: ckpt.Comm, *,
             error = str(e)
     comm.agree_error(error)
     tags = comm.gather_to_all(tags)[0]
-    candidates = [ckpt.Committed(tag, Path(path), ckpt.read_meta(Path(path))) for path, tag in tags]
+    if comm.rank == 0 and not tags and resume == "auto":
+        leftovers = ckpt.clean_leftovers(ckpt_dir)
+        if leftovers:
+            log(f"no committed checkpoint in {ckpt_dir}; removed leftovers of saves that never committed "
+                f"({', '.join(sorted(leftovers))}); starting from step 0")
+    candidates = [ckpt.load_entry(Path(path)) for path, _ in tags]
     chosen = choose(candidates, comm, fallback, check, log)
     if chosen is None:
         return None
+    if comm.rank == 0 and chosen.path.parent.resolve() == ckpt_dir.resolve():  # never touch another run's
+        _tidy(ckpt_dir, chosen, log)
     universal = chosen.meta["world_size"] != comm.world and (zero_stage > 0 or chosen.meta.get("zero_stage", 0) > 0)
     if universal:
         out = convert_to_universal(chosen, comm, log)

@@ -6,6 +6,7 @@ Kept apart from train.py so the throughput benchmark and tests can drive the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,40 @@ def make_all_reduce_max(device: torch.device):
         flag.copy_(t.to(flag.device))
 
     return reduce_max
+
+
+def release_shm_buffers(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every local rank has mapped it.
+
+    DeepSpeed's CPU communication op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
+    <rank>` (~69 MB each) when all ranks share a node, maps its peers' buffers, and never unlinks any:
+    every CPU run, and every run that is killed, leaves them in RAM until reboot (a CI machine fills
+    up). Unlinked after a barrier, the mappings stay valid and the memory goes with the last process.
+    A no-op where there is no such file (GPUs, several nodes).
+    """
+    import contextlib
+    import os
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # now every rank has mapped every buffer (DeepSpeed's init waits for it)
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
+
+
+def set_default_collective_timeout(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on, not only the world's.
+
+    `init_process_group(timeout=...)` covers the default group only. DeepSpeed runs ZeRO's gradient
+    reduction and parameter gathers in groups of its own (`new_group` without a timeout, e.g. its
+    clone of the world group), which torch gives its built-in default (30 minutes for gloo, 10 for
+    NCCL): a hung rank would stall the others there far beyond collective_timeout_s. Call this
+    before deepspeed.init_distributed.
+    """
+    from torch.distributed import constants, distributed_c10d
+
+    for module in (constants, distributed_c10d):
+        for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+            if getattr(module, name, None) is not None:
+                setattr(module, name, timeout)

@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import torch
 
 from roberta_ds import checkpoint as ckpt
@@ -35,10 +37,15 @@ from roberta_ds.errors import ConfigError, UserError
 from roberta_ds.faults import Faults
 from roberta_ds.loop import EXIT_TOO_MANY_SKIPS, REQUEUE_EXIT_CODE, Trainer  # noqa: F401 - exit codes re-exported
 from roberta_ds.optim import GuardedAdamW, lr_at, param_groups
-from roberta_ds.runtime import Runtime, make_all_reduce_max
+from roberta_ds.runtime import (
+    Runtime,
+    make_all_reduce_max,
+    release_shm_buffers,
+    set_default_collective_timeout,
+)
 from roberta_ds.shards import ShardReader, check_tokenizer, read_manifest
 from roberta_ds.signals import StopFlag
-from roberta_ds.watchdog import Progress, is_collective_failure
+from roberta_ds.watchdog import Progress, collective_failure_in
 
 EXIT_COLLECTIVE_FAILURE = 4
 
@@ -120,9 +127,11 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    set_default_collective_timeout(timedelta(seconds=cfg.collective_timeout_s))  # DeepSpeed's own groups too
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.collective_timeout_s))
     dist.check_world(env, torch.distributed.get_world_size(), expected_world)
+    release_shm_buffers(torch.distributed.get_rank())
     dist.print0(f"[roberta-ds] {dist.log_source(env)}; global batch {plan.global_batch} = micro "
                 f"{plan.micro_batch} x accumulation {plan.grad_accum} x world {plan.world_size}; "
                 f"{precision(ds)}, ZeRO-{zero_stage(ds)}")
@@ -175,6 +184,10 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
                           f"{engine.gradient_accumulation_steps()}, expected {plan.micro_batch} x {plan.grad_accum}")
     # Dropout differs per rank (each rank sees other samples); a resumed run restores the exact states.
     torch.manual_seed(cfg.seed * 100_003 + 1 + env.rank)
+    # Nothing of ours draws from numpy's or Python's global RNG, but a library might: seed them too, so
+    # two runs of one config match and a checkpoint's RNG state is a function of the run, not of the process.
+    np.random.seed((cfg.seed * 100_003 + 1 + env.rank) % 2**32)
+    random.seed(cfg.seed * 100_003 + 1 + env.rank)
 
     step, skipped_total, rng_state = 0, 0, None
     if point is not None:
@@ -200,31 +213,69 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; returns 0, REQUEUE_EXIT_CODE or EXIT_TOO_MANY_SKIPS. Failures end this process at once.
+
+    Exit paths when something fails (every rank prints one line saying what happened to it):
+    - a collective timed out or broke (a peer hung, died or failed): EXIT_COLLECTIVE_FAILURE (4),
+      naming the ranks that did not arrive and what failed ranks reported (watchdog.py);
+    - an error on this rank during training (a shard deleted under it, a full disk while saving, a
+      bug): 1, after leaving the message in the store for the others. No teardown: the others may
+      sit in a collective that will never complete; the launcher or their own collective error
+      (peer gone) ends them, within collective_timeout_s at worst;
+    - a UserError during setup (bad config or files: every rank raises it alike): 1 via the CLI.
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stop = StopFlag.install()  # first: signals during setup must not kill us mid-write
     rt = None
     try:
         rt = setup(args, stop)
         code = Trainer(rt, stop, Faults(rank=rt.env.rank)).run()
-    except UserError:
-        _teardown()
-        raise
+    except UserError as e:
+        if rt is None:
+            _teardown()
+            raise
+        _ignore_workers()
+        _fatal(rt.env.rank, f"error: {e}", 1)
     except Exception as e:  # noqa: BLE001 - any failure on one rank must end the whole job promptly
+        _ignore_workers()
         rank = rt.env.rank if rt else os.environ.get("RANK", "?")
-        if rt is not None and is_collective_failure(e):
-            who = Progress(rt.env.rank, rt.env.world_size)
-            msg = who.diagnose()
-            print(f"[roberta-ds] rank {rank}: collective failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                  f"{msg}. Timeout is collective_timeout_s={rt.cfg.collective_timeout_s:g}", file=sys.stderr, flush=True)
-            os._exit(EXIT_COLLECTIVE_FAILURE)
-        print(f"[roberta-ds] rank {rank}: fatal error:", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        sys.stderr.flush()
-        sys.stdout.flush()
-        # Do not wait for other ranks in a collective teardown: the launcher stops them on our exit.
-        os._exit(1)
+        cause = collective_failure_in(e)
+        if cause is not None and torch.distributed.is_initialized():
+            who = Progress(torch.distributed.get_rank(), torch.distributed.get_world_size())
+            timeout = rt.cfg.collective_timeout_s if rt else "?"
+            what = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+            _fatal(rank, f"collective failed ({what}); {who.diagnose()}. "
+                         f"Timeout is collective_timeout_s={timeout}", EXIT_COLLECTIVE_FAILURE)
+        _fatal(rank, f"fatal error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", 1,
+               with_traceback=True)
     _teardown()
     return code
+
+
+def _ignore_workers() -> None:
+    """From here on a dying DataLoader worker (the launcher SIGTERMs our process tree) must not raise
+    torch's "DataLoader worker is killed" error into the middle of our exit path."""
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _fatal(rank: int | str, message: str, code: int, with_traceback: bool = False) -> NoReturn:
+    """Print, leave the message for the other ranks, stop our DataLoader workers, exit now (no teardown)."""
+    print(f"[roberta-ds] rank {rank}: {message}", file=sys.stderr, flush=True)
+    if with_traceback:
+        traceback.print_exc()
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if dist_on and code != EXIT_COLLECTIVE_FAILURE:
+        Progress(torch.distributed.get_rank(), torch.distributed.get_world_size()).report_failure(message)
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # DataLoader workers would outlive us by seconds
+        child.kill()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # Do not wait for other ranks in a collective teardown: the launcher stops them on our exit.
+    os._exit(code)
 
 
 def _teardown() -> None:

@@ -1,28 +1,52 @@
 """Who did not arrive: per-rank progress in the process group's key-value store, read after a failure.
 
-Every rank records the step it is entering (`Progress.mark`, one small store write per optimizer
-step). When a collective times out (gloo and NCCL raise after the process group's timeout), the
-rank that caught it reads every rank's last mark and names the ones behind: "rank 1 did not
-arrive at step 7 (last seen at step 6)". If the store itself does not answer (its host, rank 0,
-is the one hung), that is named instead.
+Every rank records the phase it is entering (`Progress.mark`: a few small store writes per
+optimizer step) and, from a daemon thread, a heartbeat counter every HEARTBEAT_S seconds. When a
+collective times out (gloo and NCCL raise after the process group's timeout) or breaks (a peer
+died), the rank that caught it reads every rank's last mark and names the ones behind ("ranks
+that did not arrive at step 7 micro-batch 1: rank 1 (last at step 6 optimizer step)"), and
+watches the heartbeats for a few seconds to name the processes that are gone or frozen (killed,
+SIGSTOPped) even when every rank had reached the same phase. A rank that fails on its own (an
+exception, a full disk) first leaves its error in the store (`report_failure`), so the others'
+message says what happened there. If the store itself does not answer (its host, rank 0, is the
+one hung or dead), that is named instead. Store load: one small write per rank per HEARTBEAT_S.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 
 import torch
 
 _PREFIX = "roberta_ds/progress/"
+_FAILED = "roberta_ds/failed/"
+_BEAT = "roberta_ds/heartbeat/"
+HEARTBEAT_S = 1.0
+
+
+def collective_failure_in(exc: BaseException) -> BaseException | None:
+    """The timed-out or broken collective (peer hung, killed, or crashed) behind `exc`, as gloo/NCCL
+    report it, or None. The exception chain is searched: while the error unwinds, the launcher's
+    SIGTERM can kill our DataLoader workers, and torch's SIGCHLD handler then raises its own error
+    "during handling of" the collective's."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    markers = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+               "peer", "nccl", "gloo", "socket")
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, dist_error) or (isinstance(e, RuntimeError) and any(m in text for m in markers)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def is_collective_failure(exc: BaseException) -> bool:
-    """A timed-out or broken collective (peer hung, killed, or crashed), as gloo/NCCL report it."""
-    dist_error = getattr(torch.distributed, "DistError", ())
-    text = str(exc).lower()
-    markers = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-               "peer", "nccl", "gloo", "socket")
-    return isinstance(exc, dist_error) or (isinstance(exc, RuntimeError) and any(m in text for m in markers))
+    return collective_failure_in(exc) is not None
 
 
 class Progress:
@@ -37,6 +61,39 @@ class Progress:
                 self.store = _get_default_store()
             except Exception:  # noqa: BLE001 - diagnostics only; training does not depend on it
                 self.store = None
+        self._beat_stop: threading.Event | None = None
+
+    def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
+        """Bump this rank's heartbeat counter every `interval_s` from a daemon thread, until stopped.
+
+        The thread lives as long as the process can run Python: a killed or SIGSTOPped rank stops
+        beating, a rank busy in a long kernel or a collective does not.
+        """
+        if self.store is None or self._beat_stop is not None:
+            return
+        stop = self._beat_stop = threading.Event()
+        store, key = self.store, f"{_BEAT}{self.rank}"
+
+        def beat() -> None:
+            n = 0
+            while True:  # the first beat at once: a rank that dies a moment later still has one
+                try:
+                    store.set(key, str(n))
+                except Exception:  # noqa: BLE001 - the store's host is gone (job ending): stop quietly
+                    return
+                if stop.wait(interval_s):
+                    return
+                n += 1
+
+        threading.Thread(target=beat, name="roberta-ds-heartbeat", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        if self._beat_stop is not None:
+            self._beat_stop.set()
+
+    def _beats(self) -> dict[int, bytes | None]:
+        return {r: self.store.get(f"{_BEAT}{r}") if self.store.check([f"{_BEAT}{r}"]) else None
+                for r in range(self.world) if r != self.rank}
 
     def mark(self, step: int, phase: str) -> None:
         """Record that this rank reached `phase` of `step`; every rank passes the same marks in order."""
@@ -44,13 +101,29 @@ class Progress:
         if self.store is not None:
             self.store.set(f"{_PREFIX}{self.rank}", f"{self.seq}|{step}|{phase}")
 
-    def diagnose(self, read_timeout_s: float = 5.0) -> str:
-        """Name the ranks behind the furthest one (all ranks pass the same sequence of marks)."""
+    def report_failure(self, message: str, timeout_s: float = 5.0) -> None:
+        """Leave this rank's fatal error in the store for the other ranks' diagnosis (best effort)."""
+        if self.store is None:
+            return
+        try:
+            self.store.set_timeout(timedelta(seconds=timeout_s))
+            self.store.set(f"{_FAILED}{self.rank}", message[:600])
+        except Exception:  # noqa: BLE001 - the store's host may be gone; the error is printed anyway
+            return
+
+    def diagnose(self, read_timeout_s: float = 5.0, watch_s: float = 3 * HEARTBEAT_S) -> str:
+        """Name the ranks behind the furthest one (all ranks pass the same sequence of marks), the
+        ranks whose heartbeat stood still for `watch_s` seconds, and the errors ranks reported."""
         if self.store is None:
             return "no progress store (single process)"
         try:
             self.store.set_timeout(timedelta(seconds=read_timeout_s))
+            before = self._beats()
+            time.sleep(watch_s)
+            after = self._beats()
+            silent = [r for r in after if after[r] is not None and after[r] == before[r]]
             seen: dict[int, tuple[int, str]] = {}
+            failed: dict[int, str] = {}
             for r in range(self.world):
                 key = f"{_PREFIX}{r}"
                 if self.store.check([key]):
@@ -58,13 +131,28 @@ class Progress:
                     seen[r] = (int(seq), f"step {step} {phase}")
                 else:
                     seen[r] = (-1, "never reported")
+                if r != self.rank and self.store.check([f"{_FAILED}{r}"]):
+                    failed[r] = self.store.get(f"{_FAILED}{r}").decode(errors="replace")
         except Exception as e:  # noqa: BLE001
             return (f"the progress store on rank 0 did not answer ({type(e).__name__}): rank 0 is likely "
                     "the rank that hung or died")
-        front = max(seq for seq, _ in seen.values())
-        behind = {r: v for r, v in seen.items() if v[0] < front}
-        ahead = next(where for seq, where in seen.values() if seq == front)
-        if not behind:
-            return f"every rank reached {ahead}; the failure happened inside that phase"
+        return describe(seen, failed, silent)
+
+
+def describe(seen: dict[int, tuple[int, str]], failed: dict[int, str], silent: list[int] = ()) -> str:
+    """The diagnosis from every rank's last mark {rank: (sequence number, where)}, the errors ranks
+    reported, and the ranks whose heartbeat stopped."""
+    front = max(seq for seq, _ in seen.values())
+    behind = {r: v for r, v in seen.items() if v[0] < front}
+    ahead = next(where for seq, where in seen.values() if seq == front)
+    if not behind:
+        text = f"every rank reached {ahead}; the failure happened inside that phase"
+    else:
         names = ", ".join(f"rank {r} (last at {where})" for r, (_, where) in sorted(behind.items()))
-        return f"ranks that did not arrive at {ahead}: {names}"
+        text = f"ranks that did not arrive at {ahead}: {names}"
+    if silent:
+        names = ", ".join(f"rank {r}" for r in sorted(silent))
+        text += f"; no heartbeat (process dead or frozen) from {names}"
+    if failed:
+        text += "; " + "; ".join(f"rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
+    return text

@@ -30,6 +30,21 @@ from roberta_ds.model import RobertaMLM
 from roberta_ds.shards import fsync_dir
 
 
+@contextlib.contextmanager
+def only_allowed_globals(extra: list | tuple = ()) -> Iterator[None]:
+    """Within the block, torch's weights-only unpickler accepts its built-in safe types plus `extra`
+    and nothing else: classes some library registered process-wide with `add_safe_globals` (e.g.
+    megatron-core registers argparse.Namespace on import) are set aside meanwhile and restored after."""
+    registered = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        with torch.serialization.safe_globals(list(extra)):
+            yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(registered)
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} from `.safetensors`, or from `.pt`/`.pth`/`.bin` through
     `torch.load(weights_only=True)`: a pickle that would run code is refused, never executed."""
@@ -44,7 +59,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with only_allowed_globals():
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{p}: refused: it pickles objects other than tensors, and unpickling them could run code. "

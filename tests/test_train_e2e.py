@@ -1,0 +1,333 @@
+"""End-to-end tests of `roberta_ds.train`: the real DeepSpeed engine on 2 CPU ranks (gloo) under a launcher.
+
+Every test launches the trainer through tests/launch.py (deepspeed launcher unless named), on the
+tiny preset over the session's small tokenizer and shards. A launch of 2 ranks costs ~10-17 s on
+2 cores (imports dominate), so each property is checked with as few launches as possible:
+
+- resume equivalence (fp32/bf16 x ZeRO-1/2/3, accumulation 2, dropout on): ONE straight run of
+  2K steps that also commits step K, and ONE run resumed in fresh processes from a copy of its
+  output directory rolled back to step K; losses and final fp32 parameters must be bitwise equal;
+- one fp32, dropout-0 straight run on 2 ranks x 1 micro-batch (module fixture) serves two tests:
+  the same global batch as 1 rank x 2 accumulation steps gives the same update, and a resume of
+  its step-K checkpoint on 1 rank (through DeepSpeed's universal checkpoint) continues with the
+  same samples (its loss and parameters at step K+1 match the 2-rank run's);
+- loss falls (torchrun launcher, with validation), NaN on one rank skipped by both, a signal to
+  one rank gives one collective checkpoint and exit 75, an indivisible global batch is refused.
+
+Steps: the metrics' `step` is optimizer steps done; fault filters (ROBERTA_DS_FAULTS) use the
+0-based index of the step being executed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from launch import Result, run_trainer, tiny_args
+
+from roberta_ds import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+FP32 = ["--ds-set", "bf16.enabled=false"]
+NO_DROPOUT = ["--set", "model.dropout=0", "--set", "model.attention_dropout=0"]
+KEEP_ALL = ["--set", "keep_last=100"]
+
+
+def _ok(res: Result, code: int = 0) -> Result:
+    assert res.returncode == code, (
+        f"exit {res.returncode}, expected {code}; last output:\n{res.output[-6000:]}"
+    )
+    return res
+
+
+def _tag_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / ckpt.tag_for(step)
+
+
+def _weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 parameters (the master weights) of a committed checkpoint, by our names."""
+    from roberta_ds.ds_checkpoint import load_weights
+
+    assert (tag_dir / ckpt.META_NAME).is_file(), f"{tag_dir} is not a committed checkpoint"
+    return load_weights(tag_dir)
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(a) == sorted(b), what
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, (
+        f"{what}: parameters differ in {differ[:5]} (max |diff| "
+        f"{max((a[k] - b[k]).abs().max().item() for k in differ):.3g})"
+    )
+
+
+def _max_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _rolled_back_copy(src: Path, dst: Path, step: int) -> Path:
+    """`src` as it was when the run stopped right after committing `step`: later checkpoints gone,
+    `latest` naming `step`, metrics.jsonl cut after `step` (a resumed run appends to it)."""
+    shutil.copytree(src, dst)
+    ckpt_dir = dst / "checkpoints"
+    for d in ckpt_dir.iterdir():
+        s = ckpt.step_of(d.name)
+        if d.is_dir() and (s is None or s > step):
+            shutil.rmtree(d)
+    (ckpt_dir / ckpt.POINTER_NAME).write_text(ckpt.tag_for(step))
+    lines = (dst / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume equivalence
+
+
+K = 2  # the straight run commits step K and ends at 2K
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3], ids=lambda s: f"zero{s}")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bitwise_equal_to_straight_run(
+    small_tokenizer: Path, small_shards: Path, tmp_path: Path, precision: str, stage: int
+) -> None:
+    """2K steps straight == K steps, stop, resume in fresh processes, K more (dropout 0.1 on)."""
+    extra = KEEP_ALL + ["--set", f"save_interval={K}"] + (FP32 if precision == "fp32" else [])
+
+    def args(out: Path) -> list[str]:
+        # global 8 = micro 2 x accumulation 2 x 2 ranks
+        return tiny_args(
+            small_tokenizer,
+            small_shards,
+            out,
+            steps=2 * K,
+            ds_config=f"zero{stage}_bf16",
+            global_batch=8,
+            micro=2,
+            extra=extra,
+        )
+
+    straight = _ok(run_trainer(args(tmp_path / "straight"), ranks=2, timeout=240))
+    assert f"accumulation 2 x world 2; {precision}, ZeRO-{stage}" in straight.output
+    resumed_dir = _rolled_back_copy(straight.out_dir, tmp_path / "resumed", K)
+    resumed = _ok(run_trainer(args(resumed_dir), ranks=2, timeout=240))
+    assert f"resumed from {_tag_dir(resumed_dir, K)} at step {K}" in resumed.output
+
+    a, b = straight.metrics(), resumed.metrics()
+    assert [r["step"] for r in a] == list(range(1, 2 * K + 1))
+    assert [r["step"] for r in b] == list(range(1, 2 * K + 1)), (
+        "the resumed run must append steps K+1..2K once"
+    )
+    for ra, rb in zip(a[K:], b[K:]):
+        # Bitwise: float equality of the logged means (same dropout masks, same data, same states).
+        assert (rb["loss"], rb["grad_norm"], rb["lr"], rb["samples_consumed"]) == (
+            ra["loss"],
+            ra["grad_norm"],
+            ra["lr"],
+            ra["samples_consumed"],
+        ), f"step {ra['step']}"
+    assert a[K]["loss"] != a[K + 1]["loss"]  # the compared numbers are not constant
+
+    final_a, final_b = _weights(_tag_dir(straight.out_dir, 2 * K)), _weights(_tag_dir(resumed_dir, 2 * K))
+    _assert_bitwise_equal(final_a, final_b, f"{precision} ZeRO-{stage}: final parameters after resume")
+    assert _max_change(final_a, _weights(_tag_dir(straight.out_dir, K))) > 1e-5  # steps K+1..2K did update
+
+
+# ----------------------------------------------------------------------------------------------
+# World-size changes: 2 ranks x 1 micro-batch, 1 rank x 2 accumulation steps (fp32, no dropout)
+
+STEPS_2R = 3
+
+
+def _fp32_args(tokenizer: Path, shards: Path, out: Path, steps: int) -> list[str]:
+    # global batch 2: micro 1 x accumulation 1 x 2 ranks, or micro 1 x accumulation 2 x 1 rank
+    return tiny_args(
+        tokenizer,
+        shards,
+        out,
+        steps=steps,
+        ds_config="zero2_bf16",
+        global_batch=2,
+        micro=1,
+        extra=FP32 + NO_DROPOUT + KEEP_ALL + ["--set", "save_interval=1"],
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rank_fp32_run(
+    small_tokenizer: Path, small_shards: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Result:
+    """2 ranks x micro 1, fp32 ZeRO-2, dropout 0, STEPS_2R steps, a checkpoint at every step."""
+    out = tmp_path_factory.mktemp("two_rank_fp32") / "run"
+    res = _ok(run_trainer(_fp32_args(small_tokenizer, small_shards, out, STEPS_2R), ranks=2, timeout=240))
+    assert "micro 1 x accumulation 1 x world 2; fp32, ZeRO-2" in res.output
+    return res
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(a) == sorted(b), what
+    for k, t in a.items():
+        torch.testing.assert_close(t, b[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{what}: {k}: {m}")
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(
+    two_rank_fp32_run: Result, small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    """The same global batch (2 samples) as 2 ranks x 1 micro or 1 rank x 2 accumulation: same updates."""
+    one = _ok(
+        run_trainer(_fp32_args(small_tokenizer, small_shards, tmp_path / "one", 2), ranks=1, timeout=240)
+    )
+    assert "micro 1 x accumulation 2 x world 1; fp32, ZeRO-2" in one.output
+    two_losses, one_losses = two_rank_fp32_run.losses(), one.losses()
+    for step in (1, 2):
+        assert one_losses[step] == pytest.approx(two_losses[step], rel=1e-6), f"step {step}"
+        _assert_close(
+            _weights(_tag_dir(one.out_dir, step)),
+            _weights(_tag_dir(two_rank_fp32_run.out_dir, step)),
+            f"parameters after step {step}",
+        )
+    # The tolerance is far below one step's update, so a different batch or a lost micro-batch shows.
+    step_change = _max_change(_weights(_tag_dir(one.out_dir, 2)), _weights(_tag_dir(one.out_dir, 1)))
+    assert step_change > 1e-4
+
+
+def test_resume_two_ranks_to_one_through_universal_checkpoint(
+    two_rank_fp32_run: Result, small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    """2 ranks -> 1 rank: converted to DeepSpeed's universal format, then the same samples follow.
+
+    Checked: the resumed run's first step consumes samples [K*B, (K+1)*B) of the global order, seen
+    as `samples_consumed` = (K+1)*B and, with dropout 0 in fp32, as a loss equal (1e-6 relative)
+    to the 2-rank run's loss at that step (other samples give losses ~1e-2 apart). Its parameters
+    after the step match the 2-rank run's too, which needs the Adam moments carried over as well.
+    """
+    k = STEPS_2R - 1
+    src = two_rank_fp32_run.out_dir
+    dst = _rolled_back_copy(src, tmp_path / "resumed", k)
+    one = _ok(run_trainer(_fp32_args(small_tokenizer, small_shards, dst, STEPS_2R), ranks=1, timeout=240))
+    assert "world size changed (2 -> 1)" in one.output
+    assert f"resumed from {_tag_dir(dst, k)} at step {k} (universal checkpoint)" in one.output
+    assert (dst / "checkpoints" / f"{ckpt.tag_for(k)}{ckpt.UNIVERSAL_SUFFIX}").is_dir()
+
+    ref = {r["step"]: r for r in two_rank_fp32_run.metrics()}
+    new = [r for r in one.metrics() if r["step"] > k]
+    assert [r["step"] for r in new] == [STEPS_2R]
+    assert new[0]["samples_consumed"] == ref[STEPS_2R]["samples_consumed"] == STEPS_2R * 2
+    assert new[0]["loss"] == pytest.approx(ref[STEPS_2R]["loss"], rel=1e-6)
+    assert abs(ref[STEPS_2R]["loss"] - ref[k]["loss"]) > 1e-3  # a neighbouring batch would not pass
+    meta = ckpt.read_meta(_tag_dir(dst, STEPS_2R))
+    assert (meta["world_size"], meta["grad_accum"], meta["samples_consumed"]) == (1, 2, STEPS_2R * 2)
+    _assert_close(
+        _weights(_tag_dir(dst, STEPS_2R)),
+        _weights(_tag_dir(src, STEPS_2R)),
+        f"parameters after step {STEPS_2R} (1 rank resumed vs 2 ranks straight)",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Training behaviour
+
+
+def test_loss_falls_under_torchrun(small_tokenizer: Path, small_shards: Path, tmp_path: Path) -> None:
+    """30 steps on the built-in corpus through `torchrun -m roberta_ds.train`: train and valid loss fall."""
+    steps = 30
+    args = tiny_args(
+        small_tokenizer,
+        small_shards,
+        tmp_path / "run",
+        steps=steps,
+        valid=True,
+        extra=["--set", "optim.lr=2e-3", "--set", "optim.warmup_steps=3", "--set", "eval_interval=15"],
+    )
+    res = _ok(run_trainer(args, ranks=2, launcher="torchrun", timeout=240))
+    assert "from torchrun" in res.output
+    metrics = res.metrics()
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - math.log(2048)) < 0.3  # starts near ln(vocab): a uniform guess
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.4, f"loss did not fall: first 5 mean {first:.3f}, last 5 mean {last:.3f}"
+    valid = [(r["step"], r["valid_loss"]) for r in metrics if "valid_loss" in r]
+    assert [s for s, _ in valid] == [15, 30]
+    assert valid[1][1] < valid[0][1]
+    assert [r["samples_consumed"] for r in metrics] == [8 * s for s in range(1, steps + 1)]
+
+
+def test_nan_on_one_rank_is_skipped_by_both(
+    small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    """A NaN loss on rank 1 at step index 1: no rank applies that update; training goes on."""
+    args = tiny_args(
+        small_tokenizer,
+        small_shards,
+        tmp_path / "run",
+        steps=3,
+        extra=KEEP_ALL + ["--set", "save_interval=1"],
+    )
+    res = _ok(run_trainer(args, ranks=2, env={"ROBERTA_DS_FAULTS": "nan@loss:step=1,rank=1"}, timeout=240))
+    assert "[fault] rank 1: nan at loss step 1" in res.output
+    assert "[fault] rank 0" not in res.output
+    assert "step 1: non-finite loss or gradients on some rank; update skipped on all ranks" in res.output
+    by_step = {r["step"]: r for r in res.metrics()}
+    assert [by_step[s]["skipped_steps"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert math.isnan(by_step[2]["loss"]) and math.isfinite(by_step[3]["loss"])
+    assert ckpt.read_meta(_tag_dir(res.out_dir, 3))["skipped_steps"] == 1
+    # ZeRO-2: each rank owns half of the fp32 master weights; the consolidated weights come from both.
+    before, after, then = (_weights(_tag_dir(res.out_dir, s)) for s in (1, 2, 3))
+    _assert_bitwise_equal(before, after, "the skipped step changed parameters")
+    assert all(torch.isfinite(t).all() for t in then.values())
+    assert _max_change(then, after) > 1e-5  # the next step applied normally
+
+
+def test_signal_to_one_rank_saves_once_and_requeues(
+    small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to rank 1 during step index 1: both ranks finish the step, commit ONE checkpoint, exit 75."""
+    from roberta_ds.loop import REQUEUE_EXIT_CODE
+
+    args = tiny_args(
+        small_tokenizer, small_shards, tmp_path / "run", steps=8, extra=["--set", "save_interval=1000"]
+    )
+    res = _ok(
+        run_trainer(args, ranks=2, env={"ROBERTA_DS_FAULTS": "sigterm@step:step=1,rank=1"}, timeout=240),
+        REQUEUE_EXIT_CODE,
+    )
+    assert "[fault] rank 1: sigterm at step step 1" in res.output
+    assert (
+        "stopped by SIGTERM at step 2" in res.output
+        or "stopped by a signal on another rank at step 2" in res.output
+    )
+    ckpt_dir = res.out_dir / "checkpoints"
+    assert [c.tag for c in ckpt.committed(ckpt_dir)] == [ckpt.tag_for(2)]
+    assert ckpt.read_pointer(ckpt_dir) == ckpt.tag_for(2)
+    assert not [
+        d.name for d in ckpt_dir.iterdir() if d.name.startswith((ckpt.STAGING_PREFIX, ckpt.TRASH_PREFIX))
+    ]
+    meta = ckpt.read_meta(_tag_dir(res.out_dir, 2))
+    assert meta["step"] == 2 and meta["samples_consumed"] == 16
+    # Collective: both ranks' RNG and optimizer partitions are in it, and it verifies.
+    assert {ckpt.rng_file(0), ckpt.rng_file(1)} <= set(meta["files"])
+    assert sum("optim_states" in name for name in meta["files"]) == 2
+    ckpt.verify_files(_tag_dir(res.out_dir, 2), meta, shard=lambda i: True)
+    assert [r["step"] for r in res.metrics()] == [1, 2]
+
+
+def test_indivisible_global_batch_is_refused_before_training(
+    small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    args = tiny_args(small_tokenizer, small_shards, tmp_path / "run", steps=2, global_batch=6, micro=2)
+    res = run_trainer(args, ranks=2, timeout=240)
+    assert res.returncode == 1, res.output[-4000:]
+    assert (
+        "train_batch_size 6 is not divisible by train_micro_batch_size_per_gpu 2 x world size 2 = 4 "
+        "(6 / 4 = 1.500 accumulation steps)"
+    ) in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()  # nothing written: refused before any training or checkpoint
