@@ -97,16 +97,22 @@ def rate_summary(seconds: list[float], tokens: list[float], samples: list[float]
     }
 
 
+def free_port_env() -> None:
+    """MASTER_PORT on a free local port and MASTER_ADDR localhost, unless already set."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
 def init_single_process(device: torch.device) -> None:
     """A one-rank process group (NCCL on GPU, gloo on CPU) on a free local port, once per process."""
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    free_port_env()
     for k, v in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(

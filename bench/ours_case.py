@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -55,22 +53,16 @@ def trainer_argv(
     return argv
 
 
-def _free_port_env() -> None:
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-
-
 def start_trainer(c: Case, tok: Path, train: Path, out: Path, workers: int, extra: list[str] = ()):
     """`train.setup()` + `loop.Trainer`, exactly what `roberta-ds train` builds, for one rank."""
+    from hf_baseline import free_port_env
+
     from roberta_ds.faults import Faults
     from roberta_ds.loop import Trainer
     from roberta_ds.signals import StopFlag
     from roberta_ds.train import parse_args, setup
 
-    _free_port_env()
+    free_port_env()
     stop = StopFlag()
     rt = setup(parse_args(trainer_argv(c, tok, train, out, workers, extra)), stop)
     return rt, Trainer(rt, stop, Faults(""), timed=False)

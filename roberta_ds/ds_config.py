@@ -82,6 +82,8 @@ def precision(ds: dict[str, Any]) -> str:
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
+    if ds.get("torch_autocast", {}).get("enabled"):
+        return f"autocast-{ds['torch_autocast'].get('dtype', 'bfloat16')}"
     return "fp32"
 
 

@@ -93,7 +93,9 @@ def loss_scale(engine: Any) -> float | None:
 
 @dataclass
 class StepTimes:
-    """Seconds spent per phase (only measured when Trainer(timed=True): it synchronises the device)."""
+    """Seconds per phase, summed over steps, when Trainer(timed=True): data = host time to get a
+    micro-batch; forward_backward / optimizer from CUDA events (no extra host sync) or the clock on
+    CPU; total = wall time of the steps (device-synchronised by the step's flag read)."""
 
     data: float = 0.0
     forward_backward: float = 0.0
@@ -139,10 +141,17 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
 
-    def _sync(self) -> float:
-        if self.timed and self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
+    def _now(self) -> Any:
+        """A phase boundary without a host sync: a recorded CUDA event on GPU, the clock on CPU."""
+        if self.rt.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return time.perf_counter()
+
+    @staticmethod
+    def _seconds(a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
 
     def _backward(self, loss: torch.Tensor, step: int, last_micro: bool) -> None:
         engine = self.rt.engine
@@ -158,43 +167,50 @@ class Trainer:
         """One optimizer step on every rank; returns (skipped, stopping), agreed by all ranks."""
         rt, plan, engine = self.rt, self.rt.plan, self.rt.engine
         step = rt.step
+        t0 = time.perf_counter()
         self.faults.at("step", step)
         self.lr = lr_at(step, rt.cfg.optim)
         for group in rt.optimizer.param_groups:
             group["lr"] = self.lr
         tokens = samples = 0
-        t0 = self._sync()
+        marks = []  # (start, after the data, after backward, after engine.step) per micro-batch, if timed
         for micro in range(plan.grad_accum):
             last = micro == plan.grad_accum - 1
-            self.progress.mark(step, f"micro-batch {micro}")
+            self.progress.mark(step, f"micro-batch {micro}", publish=micro == 0)
             t_data = time.perf_counter()
             batch = next(self.loader)
             tokens += int(batch["num_tokens"])
             samples += int(batch["input_ids"].shape[0])
             ids, pos, lab = (batch[k].to(rt.device, non_blocking=True)
                              for k in ("input_ids", "mlm_positions", "mlm_labels"))
-            t_fb = self._sync()
-            self.times.data += t_fb - t_data
+            if self.timed:
+                self.times.data += time.perf_counter() - t_data  # host time to get the batch
+                marks.append([self._now()])
             loss = engine(ids, pos, lab)
             if self.faults.active and self.faults.at("loss", step) == "nan":
                 loss = loss * float("nan")
             self._backward(loss, step, last)
-            t_opt = self._sync()
-            self.times.forward_backward += t_opt - t_fb
+            if self.timed:
+                marks[-1].append(self._now())
             rt.optimizer.skipped = torch.zeros(())
             if last:
                 self.progress.mark(step, "optimizer step")
             engine.step()  # a no-op until the accumulation boundary
             self.loss_sum += loss.detach().float()
-            self.times.optimizer += self._sync() - t_opt
+            if self.timed:
+                marks[-1].append(self._now())
         rt.step += 1
         self.window.add(tokens, samples)
         # The one host sync per optimizer step: did any rank skip, did any rank get a stop signal?
         flags = torch.tensor([float(not engine.was_step_applied()), self.stop.value()], device=self.comm_dev)
         flags[0] = torch.maximum(flags[0], rt.optimizer.skipped.to(self.comm_dev))
         all_reduce(flags, torch.distributed.ReduceOp.MAX)
-        skipped, stopping = bool(flags[0].item()), bool(flags[1].item())
-        self.times.total += time.perf_counter() - t0
+        skipped, stopping = bool(flags[0].item()), bool(flags[1].item())  # synchronises the device
+        if self.timed:
+            for start, after_backward, after_step in marks:
+                self.times.forward_backward += self._seconds(start, after_backward)
+                self.times.optimizer += self._seconds(after_backward, after_step)
+            self.times.total += time.perf_counter() - t0
         if skipped:
             rt.skipped_total += 1
             self.consecutive_skips += 1

@@ -1,7 +1,9 @@
 """Who did not arrive: per-rank progress in the process group's key-value store, read after a failure.
 
-Every rank records the phase it is entering (`Progress.mark`: a few small store writes per
-optimizer step) and, from a daemon thread, a heartbeat counter every HEARTBEAT_S seconds. When a
+Every rank records the phase it is entering (`Progress.mark`: a store write at the start of
+each optimizer step, its optimizer phase, saves and evaluations; the micro-batches in between are
+published by the heartbeat thread) and, from a daemon thread, a heartbeat counter every
+HEARTBEAT_S seconds. When a
 collective times out (gloo and NCCL raise after the process group's timeout) or breaks (a peer
 died), the rank that caught it reads every rank's last mark and names the ones behind ("ranks
 that did not arrive at step 7 micro-batch 1: rank 1 (last at step 6 optimizer step)"), and
@@ -9,7 +11,9 @@ watches the heartbeats for a few seconds to name the processes that are gone or 
 SIGSTOPped) even when every rank had reached the same phase. A rank that fails on its own (an
 exception, a full disk) first leaves its error in the store (`report_failure`), so the others'
 message says what happened there. If the store itself does not answer (its host, rank 0, is the
-one hung or dead), that is named instead. Store load: one small write per rank per HEARTBEAT_S.
+one hung or dead), that is named instead. Store load per rank: two writes per optimizer step and
+two per HEARTBEAT_S, whatever the accumulation (a write per micro-batch would put thousands of
+writes per second on rank 0's store at scale).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Progress:
             except Exception:  # noqa: BLE001 - diagnostics only; training does not depend on it
                 self.store = None
         self._beat_stop: threading.Event | None = None
+        self._mark = ""
 
     def start_heartbeat(self, interval_s: float = HEARTBEAT_S) -> None:
         """Bump this rank's heartbeat counter every `interval_s` from a daemon thread, until stopped.
@@ -75,10 +80,14 @@ class Progress:
         store, key = self.store, f"{_BEAT}{self.rank}"
 
         def beat() -> None:
-            n = 0
+            n, published = 0, ""
             while True:  # the first beat at once: a rank that dies a moment later still has one
                 try:
                     store.set(key, str(n))
+                    mark = self._mark
+                    if mark != published:
+                        store.set(f"{_PREFIX}{self.rank}", mark)
+                        published = mark
                 except Exception:  # noqa: BLE001 - the store's host is gone (job ending): stop quietly
                     return
                 if stop.wait(interval_s):
@@ -88,18 +97,28 @@ class Progress:
         threading.Thread(target=beat, name="roberta-ds-heartbeat", daemon=True).start()
 
     def stop_heartbeat(self) -> None:
+        """Stop the thread; later marks are published synchronously again (this one too)."""
         if self._beat_stop is not None:
             self._beat_stop.set()
+            self._beat_stop = None
+            if self._mark:
+                try:
+                    self.store.set(f"{_PREFIX}{self.rank}", self._mark)
+                except Exception:  # noqa: BLE001 - the store's host is gone (job ending)
+                    pass
 
     def _beats(self) -> dict[int, bytes | None]:
         return {r: self.store.get(f"{_BEAT}{r}") if self.store.check([f"{_BEAT}{r}"]) else None
                 for r in range(self.world) if r != self.rank}
 
-    def mark(self, step: int, phase: str) -> None:
-        """Record that this rank reached `phase` of `step`; every rank passes the same marks in order."""
+    def mark(self, step: int, phase: str, publish: bool = True) -> None:
+        """Record that this rank reached `phase` of `step`; every rank passes the same marks in order.
+        Published now, or with `publish=False` by the heartbeat thread within HEARTBEAT_S (for
+        frequent marks such as every micro-batch; published now when no thread runs)."""
         self.seq += 1
-        if self.store is not None:
-            self.store.set(f"{_PREFIX}{self.rank}", f"{self.seq}|{step}|{phase}")
+        self._mark = f"{self.seq}|{step}|{phase}"
+        if self.store is not None and (publish or self._beat_stop is None):
+            self.store.set(f"{_PREFIX}{self.rank}", self._mark)
 
     def report_failure(self, message: str, timeout_s: float = 5.0) -> None:
         """Leave this rank's fatal error in the store for the other ranks' diagnosis (best effort)."""
@@ -118,6 +137,8 @@ class Progress:
             return "no progress store (single process)"
         try:
             self.store.set_timeout(timedelta(seconds=read_timeout_s))
+            if self._mark:
+                self.store.set(f"{_PREFIX}{self.rank}", self._mark)  # ours is current, not a beat late
             before = self._beats()
             time.sleep(watch_s)
             after = self._beats()

@@ -104,6 +104,9 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = p.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    from roberta_ds.runtime import release_shm_buffers
+
+    release_shm_buffers(dist.get_rank())  # DeepSpeed's CPU comm op never unlinks its /dev/shm buffers
     for name in args.cases:
         run_case(name, args)
     dist.destroy_process_group()

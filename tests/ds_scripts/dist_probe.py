@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        from roberta_ds.runtime import release_shm_buffers
+
+        release_shm_buffers(env.rank)  # DeepSpeed's CPU comm op never unlinks its /dev/shm buffers
     else:
         tdist.init_process_group("gloo", init_method="env://")
     try:
