@@ -12,9 +12,10 @@
 #     bash bench/gpu_run.sh --cases hf_base512_m64 <the skipped cases...>
 # CPU check of this script (tiny models): SKIP_WHEELS=1 OUT=/tmp/o bash bench/gpu_run.sh --smoke --cases ...
 #
-# Comes back under $OUT: table.txt (the final table), results.json (every row), run.log,
+# First bench/model_check.py (CHECK_S, default 100 s; SKIP_CHECK=1 skips it), then the cases.
+# Comes back under $OUT: model_check.{log,json}, table.txt (the final table), results.json (every row), run.log,
 # logs/<case>.log (one per case process), profile_base512_m64.txt (torch.profiler, one optimizer step).
-# BUDGET_S (default 480 s) bounds the case sequence: a case is not started with < 40 s left, a case
+# BUDGET_S (default 430 s) bounds the case sequence: a case is not started with < 40 s left, a case
 # still running at the end is killed (its row says timeout), and the table is printed either way.
 # On an H200 the device line and the table header say so; the baselines ran on the same card.
 set -uo pipefail
@@ -38,7 +39,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,
   || echo "no nvidia-smi"
 python3 -c "import torch, deepspeed, transformers as t; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', t.__version__)" || exit 1
-python3 bench/train_throughput.py --budget-s "${BUDGET_S:-480}" --work /tmp/roberta-ds-bench \
+# The model check (issue 3: SDPA kernel in training, masked-only vs full head, fwd+bwd vs HF), bounded.
+SMOKE=""; for a in "$@"; do [ "$a" = "--smoke" ] && SMOKE=--smoke; done
+[ -n "${SKIP_CHECK:-}" ] || timeout "${CHECK_S:-100}" python3 bench/model_check.py $SMOKE \
+  --json "$OUT/model_check.json" 2>&1 | tee "$OUT/model_check.log" | grep -v '^USDT\|^STAGE:'
+python3 bench/train_throughput.py --budget-s "${BUDGET_S:-430}" --work /tmp/roberta-ds-bench \
   --logs "$OUT/logs" --json "$OUT/results.json" --profile "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
 sed -n '/^== roberta-ds training throughput/,$p' "$OUT/run.log" > "$OUT/table.txt"

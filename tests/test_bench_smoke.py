@@ -112,6 +112,23 @@ def test_smoke_case_in_child_process(tmp_path: Path) -> None:
     row_line(table_lines(proc.stdout), "base512_m32")
 
 
+def test_model_check_smoke(tmp_path: Path) -> None:
+    """bench/model_check.py on CPU: kernels read from the profiler, head parity passes, HF timed."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "model_check.py"), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["head"]["ok"] and res["head"]["rel_gaps"]["fp32 masked vs fp32 full"] < 1e-5
+    assert all(ops and ops != ["none seen"] for ops in res["kernels"].values())
+    names = [r["variant"] for r in res["timing"]]
+    assert names[-1].startswith("HF") and all(r["ms"] > 0 for r in res["timing"])
+    assert res["timing"][-1]["speedup_vs_hf"] == 1.0
+    assert proc.stdout.rstrip().splitlines()[-1].lstrip().startswith("HF RobertaForMaskedLM")
+
+
 def test_compare_losses_tolerance() -> None:
     ref = [7.0, 6.5, 6.0]
     assert parity.compare_losses([7.01, 6.49, 6.02], ref)["losses_ok"]
