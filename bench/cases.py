@@ -30,8 +30,6 @@ class Case:
     precision: str = "bf16"
     """bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master); autocast: DeepSpeed's torch_autocast."""
     zero: int = 2
-    attention: str = "torch"
-    """TrainConfig.attention: torch (PyTorch's SDPA order) | cudnn (cuDNN first)."""
     overrides: tuple[tuple[str, Any], ...] = ()
     """Extra ModelConfig fields, e.g. (("num_layers", 4),)."""
     goal: float | None = None
@@ -42,7 +40,6 @@ B, L = "roberta-base", "roberta-large"
 CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget still has the headline
     Case("base512_m64", "ours", B, 512, 64, goal=600e3),
     Case("hf_base512_m64", "hf_ds", B, 512, 64, compile=False),
-    Case("base512_m64_cudnn", "ours", B, 512, 64, attention="cudnn", goal=600e3),
     Case("large512_m32", "ours", L, 512, 32, goal=220e3),
     Case("hf_large512_m32", "hf_ds", L, 512, 32, compile=False),
     Case("parity", "parity", B, 512, 8, accum=2, overrides=(("num_layers", 4),)),
@@ -52,7 +49,6 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base128_m256", "ours", B, 128, 256),
     Case("hf_base128_m256", "hf_ds", B, 128, 256, compile=False),
     Case("large512_m32_ckpt", "ours", L, 512, 32, checkpointing=True, goal=220e3),
-    Case("large512_m32_cudnn", "ours", L, 512, 32, attention="cudnn", goal=220e3),
     Case("base512_m64_autocast", "ours", B, 512, 64, precision="autocast", goal=600e3),
     Case("hf_compiled_base512_m64", "hf_compiled", B, 512, 64),
     Case("base512_m64_eager", "ours", B, 512, 64, compile=False, goal=600e3),

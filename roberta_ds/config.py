@@ -230,9 +230,6 @@ class TrainConfig:
     """Start from weights made by `roberta-ds import-hf` (continued pretraining)."""
     compile: bool = False
     """torch.compile the model before DeepSpeed wraps it."""
-    attention: str = "torch"
-    """SDPA backend preference on CUDA: `torch` (PyTorch's order; padded rows take the memory-efficient
-    kernel) or `cudnn` (cuDNN first, falling back as before): see roberta_ds/attention.py."""
     peak_tflops: float | None = None
     """Per-device peak for MFU; default from the device name (bf16 dense datasheet figures)."""
     tensorboard: bool = True
@@ -245,8 +242,6 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         _require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
-        _require(self.attention in ("torch", "cudnn"), "attention",
-                 f"must be torch or cudnn, got {self.attention!r}")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
 

@@ -7,10 +7,10 @@ decoder tied to the word embedding, bias). No DeepSpeed or torch.distributed her
 precision and sharding belong to the engine (train.py).
 
 Speed choices, none of which changes the maths:
-- attention runs through `F.scaled_dot_product_attention` with a key-padding mask (the fused
-  flash / memory-efficient kernels on GPU; pass `has_padding=False` for a batch known to hold no
-  padding and SDPA may use the flash kernel, which takes no mask); Q, K and V come from one fused
-  projection;
+- attention runs through `F.scaled_dot_product_attention` with a key-padding mask: on an H100
+  (torch 2.11) SDPA runs cuDNN's fused flash-attention kernels with that mask and dropout, measured
+  by bench/model_check.py (FlashAttention-2 itself takes no mask: `has_padding=False` drops it for
+  a batch known to hold no padding); Q, K and V come from one fused projection;
 - the training call gathers the hidden states of the K labelled positions once, after the layer
   stack, and runs the LM head on those (B, K, H) rows only: 15% of the vocabulary projection work;
 - no data-dependent Python control flow, `.item()` or `nonzero()` in `forward`, so

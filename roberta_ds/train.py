@@ -170,10 +170,6 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {unexpected}")
-    if device.type == "cuda":
-        from roberta_ds.attention import prefer_attention
-
-        dist.print0(f"attention ({cfg.attention}): {prefer_attention(cfg.attention)}")
     if cfg.compile:
         model = torch.compile(model)  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
     fused = cfg.optim.fused if cfg.optim.fused is not None else True

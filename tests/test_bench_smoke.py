@@ -126,7 +126,8 @@ def test_model_check_smoke(tmp_path: Path) -> None:
     names = [r["variant"] for r in res["timing"]]
     assert names[-1].startswith("HF") and all(r["ms"] > 0 for r in res["timing"])
     assert res["timing"][-1]["speedup_vs_hf"] == 1.0
-    assert proc.stdout.rstrip().splitlines()[-1].lstrip().startswith("HF RobertaForMaskedLM")
+    last = proc.stdout.rstrip().splitlines()
+    assert last[-2].lstrip().startswith("HF RobertaForMaskedLM") and last[-1].endswith("PASS")
 
 
 def test_compare_losses_tolerance() -> None:

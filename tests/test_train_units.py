@@ -86,31 +86,11 @@ def test_presets_shapes() -> None:
         ({"optim": {"momentum": 0.9}}, "optim"),
         ({"data": {"max_seq_len": 600}}, "data.max_seq_len"),
         ({"save_interval": 0}, "save_interval"),
-        ({"attention": "flash"}, "attention"),
     ],
 )
 def test_bad_config_names_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}"):
         train_config_from_dict(raw)
-
-
-def test_attention_preference_reorders_sdpa_and_torch_restores_it() -> None:
-    import torch
-
-    from roberta_ds.attention import prefer_attention
-
-    before = torch._C._get_sdp_priority_order()
-    try:
-        order = prefer_attention("cudnn")
-        assert order.startswith("cudnn_attention > ") and torch._C._get_sdp_priority_order()[0] == 3
-        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
-        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-        prefer_attention("torch")
-        assert torch._C._get_sdp_priority_order() == before
-        with pytest.raises(ValueError, match="attention"):
-            prefer_attention("flash")
-    finally:
-        prefer_attention("torch")
 
 
 def test_train_command_requires_tokenizer_and_data() -> None:
