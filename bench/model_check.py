@@ -176,7 +176,6 @@ def time_fwd_bwd(
             variants.append(("ours, key mask, cuDNN backend", ours_step(True, SDPBackend.CUDNN_ATTENTION)))
     for name, fn in variants:
         rows.append(_timed_row(name, fn, batches["full"][0], device, warmup, iters))
-    del ours
     hf = hf_model(cfg).to(device).train()
     ids, _, _, dense = batches["full"]
 
@@ -211,7 +210,7 @@ def format_report(kernels: dict, head: dict, timing: list[dict], device: str, sh
         lines.append(f"  {prec}: masked-only {h['masked_only']:.5f}  full {h['full_head']:.5f}")
     gaps = ", ".join(f"{k} {v:.2e}" for k, v in head["rel_gaps"].items())
     lines.append(f"  relative gaps: {gaps} -> {'PASS' if head['ok'] else 'FAILED'} (bf16 tol {BF16_RTOL:g})")
-    lines.append(f"forward+backward, median:")
+    lines.append("forward+backward, median:")
     lines.append(f"  {'variant':<40} {'ms':>8} {'positions/s':>12} {'vs HF':>7}")
     for r in timing:
         if "error" in r:
