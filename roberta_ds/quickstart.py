@@ -40,6 +40,13 @@ def launcher_env(venv_bin: Path | None = None) -> dict[str, str]:
     return env
 
 
+def deepspeed_launcher() -> list[str]:
+    """The `deepspeed` launcher of this interpreter: the script beside it (a venv), else the same entry
+    point as a module (DeepSpeed installed with `pip --target`, as on the GPU machines: no script)."""
+    script = Path(sys.executable).parent / "deepspeed"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
 def _step(title: str) -> float:
     print(f"\n=== {title}", flush=True)
     return time.perf_counter()
@@ -109,7 +116,7 @@ def main(argv: list[str]) -> int:
     ds_set = ["--ds-set", "train_batch_size=32", "--ds-set", f"train_micro_batch_size_per_gpu={32 // ranks}"]
     if not gpus:
         ds_set += ["--ds-set", "bf16.enabled=false"]  # fp32 on CPU: bf16 matmuls are slow there
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+    cmd = [*deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port",
            str(29600 + os.getpid() % 1000), "--module", "roberta_ds.train", "--config", str(cfg_path), *ds_set]
     print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=launcher_env())

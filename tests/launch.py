@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from roberta_ds.quickstart import launcher_env
+from roberta_ds.quickstart import deepspeed_launcher, launcher_env
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = REPO / "ds_configs"
@@ -84,7 +84,7 @@ def trainer_command(args: list[str], *, ranks: int, launcher: str = "deepspeed",
     port = port or free_port()
     bin_dir = Path(sys.executable).parent
     if launcher == "deepspeed":
-        return [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+        return [*deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(port),
                 "--module", "roberta_ds.train", *args]
     if launcher == "torchrun":
         return [str(bin_dir / "torchrun"), "--nproc-per-node", str(ranks), "--master-port", str(port),

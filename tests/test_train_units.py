@@ -774,3 +774,22 @@ def test_manifest_errors(three: Path) -> None:
     (tag_dir / ckpt.META_NAME).write_text(json.dumps({"step": 2}))
     with pytest.raises(CheckpointError, match="manifest lacks 'files'"):
         ckpt.read_meta(tag_dir)
+
+
+def test_deepspeed_launcher_without_its_script_runs_as_a_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed installed with `pip --target` (the GPU machines) has no `deepspeed` script beside the
+    interpreter: the launcher is then the same entry point run as a module, and it starts."""
+    import subprocess
+    import sys
+
+    from roberta_ds.quickstart import deepspeed_launcher
+
+    real = sys.executable
+    assert deepspeed_launcher() == [str(Path(real).parent / "deepspeed")]  # this venv has the script
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))
+    cmd = deepspeed_launcher()
+    assert cmd == [str(tmp_path / "python3"), "-m", "deepspeed.launcher.runner"]
+    proc = subprocess.run([real, *cmd[1:], "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "--num_gpus" in proc.stdout, proc.stderr[-2000:]
