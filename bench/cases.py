@@ -30,6 +30,8 @@ class Case:
     precision: str = "bf16"
     """bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master); autocast: DeepSpeed's torch_autocast."""
     zero: int = 2
+    ds_sets: tuple[str, ...] = ()
+    """Extra DeepSpeed overrides (`--ds-set` syntax) for `ours` and `hf_ds`, e.g. overlap_comm off."""
     overrides: tuple[tuple[str, Any], ...] = ()
     """Extra ModelConfig fields, e.g. (("num_layers", 4),)."""
     goal: float | None = None
@@ -54,6 +56,14 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m64_eager", "ours", B, 512, 64, compile=False, goal=600e3),
     Case("base512_m64_autocast_z1", "ours", B, 512, 64, precision="autocast", zero=1, goal=600e3),
     Case("base512_m8_a1", "ours", B, 512, 8, accum=1),  # a 1024-GPU rank's shape (8K batch): plan's input
+    # Levers after the first H100 run (bench/NOTES.md): the per-micro-batch ZeRO-2 gradient hooks and
+    # bucket copies. ZeRO-1 reduces at the accumulation boundary; without overlap_comm, ZeRO-2 copies
+    # into its buckets on the compute stream, with no side-stream synchronisation per bucket.
+    Case("base512_m64_z1", "ours", B, 512, 64, zero=1, goal=600e3),
+    Case("base512_m64_no_overlap", "ours", B, 512, 64, ds_sets=("zero_optimization.overlap_comm=false",),
+         goal=600e3),
+    Case("base512_m128_z1", "ours", B, 512, 128, zero=1, goal=600e3),
+    Case("large512_m32_z1", "ours", L, 512, 32, zero=1, goal=220e3),
 )
 BY_NAME = {c.name: c for c in CASES}
 

@@ -29,6 +29,7 @@ def trainer_argv(
         f"train_batch_size={c.micro * c.accum}",
         f"train_micro_batch_size_per_gpu={c.micro}",
         f"zero_optimization.stage={c.zero}",
+        *c.ds_sets,
     ]
     if c.precision == "autocast":
         ds += ["bf16.enabled=false", "torch_autocast.enabled=true", "torch_autocast.dtype=bfloat16"]
@@ -158,6 +159,7 @@ def run_ours(c: Case, opts: argparse.Namespace, tok: Path, train: Path) -> dict[
                 "compile": c.compile,
                 "precision": "ds-" + c.precision,
                 "zero": c.zero,
+                "ds_sets": list(c.ds_sets),
                 "flops_per_token": trainer.flops_token,
                 "mfu": mfu(row["tokens_per_s"], trainer.flops_token, 1, opts.peak_tflops),
                 "peak_gib": peak_memory_gib(dev),

@@ -89,7 +89,9 @@ def run_case(c: Case, opts: argparse.Namespace) -> dict[str, Any]:
         from roberta_ds.tokenizer import load_tokenizer_info
 
         cfg = model_config(c.model, vocab_size=load_tokenizer_info(tok).vocab_size, **dict(c.overrides))
-        ds = load_ds_config(REPO / "ds_configs" / "zero2_bf16.json", [f"zero_optimization.stage={c.zero}"])
+        ds = load_ds_config(
+            REPO / "ds_configs" / "zero2_bf16.json", [f"zero_optimization.stage={c.zero}", *c.ds_sets]
+        )
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         row = run_hf(
             cfg,
