@@ -179,18 +179,15 @@ class SlurmCluster:
         self.run(["scancel", *args, str(job_id)])
 
     def requeue(self, job_id: int) -> None:
-        """Requeue and start again now (plain `scontrol requeue` waits ~120 s before restarting)."""
-        self.run(["scontrol", "requeue", str(job_id)])
-        self.start_now(job_id)
+        """Requeue an ended job and start it again once it can (plain `scontrol requeue` waits ~120 s).
 
-    def start_now(self, job_id: int) -> None:
-        """Let a requeued (pending) job start at once instead of after SLURM's requeue delay.
-
-        Only for a job requeued after it ended: one killed by its requeue (e.g. a job that requeued
-        itself) has a revoked credential until `cred_expire` (10 s here, see start_slurm.sh), and
-        starting it earlier fails it ("Job credential revoked"). Let SLURM start those.
+        slurmd revokes a job's credential when the job is terminated, and a restart before the
+        revocation expires (`cred_expire`: 10 s here, see start_slurm.sh) is killed at launch ("Job
+        credential revoked", the job ends FAILED). So the restart is set for just after that.
         """
-        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
+        self.run(["scontrol", "requeue", str(job_id)])
+        wait = int(os.environ.get("SLURM_CRED_EXPIRE", "10")) + 1
+        self.run(["scontrol", "update", f"jobid={job_id}", f"StartTime=now+{wait}"], check=False)
 
     def wait_requeued(self, job_id: int, restarts: int = 1, timeout: float = 120) -> None:
         """Wait until the job is pending again after its `restarts`-th requeue (e.g. one the job's
