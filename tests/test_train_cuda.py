@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, kill_group, run_trainer, tiny_args
-from test_train_e2e import _ok, _rolled_back_copy, _tag_dir, _weights
+from launch import REPO, kill_group, tiny_args
+from test_train_e2e import _tag_dir, _weights, straight_and_resumed
 
 from roberta_ds.quickstart import launcher_env
 
@@ -41,11 +41,8 @@ def test_resume_on_cuda_matches_straight_run(
         return tiny_args(small_tokenizer, small_shards, out, steps=2 * K, ds_config=f"zero2_{precision}",
                          global_batch=4, micro=2, extra=extra)
 
-    straight = _ok(run_trainer(args(tmp_path / "straight"), ranks=1, timeout=300))
-    assert f"accumulation 2 x world 1; {precision}, ZeRO-2" in straight.output
-    resumed_dir = _rolled_back_copy(straight.out_dir, tmp_path / "resumed", K)
-    resumed = _ok(run_trainer(args(resumed_dir), ranks=1, timeout=300))
-    assert f"resumed from {_tag_dir(resumed_dir, K)} at step {K}" in resumed.output
+    straight, resumed, resumed_dir = straight_and_resumed(args, tmp_path, K, ranks=1, precision=precision,
+                                                          stage=2)
 
     a, b = straight.metrics(), resumed.metrics()
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 2 * K + 1))

@@ -86,6 +86,19 @@ def _rolled_back_copy(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
+def straight_and_resumed(args, tmp_path: Path, step: int, *, ranks: int, precision: str,
+                         stage: int) -> tuple[Result, Result, Path]:
+    """A straight run (it commits `step`), and a run resumed in fresh processes from a copy of its
+    output directory rolled back to `step`: (straight, resumed, the resumed run's directory).
+    `args(out)` gives the trainer arguments for an output directory."""
+    straight = _ok(run_trainer(args(tmp_path / "straight"), ranks=ranks, timeout=300))
+    assert f"x world {ranks}; {precision}, ZeRO-{stage}" in straight.output
+    resumed_dir = _rolled_back_copy(straight.out_dir, tmp_path / "resumed", step)
+    resumed = _ok(run_trainer(args(resumed_dir), ranks=ranks, timeout=300))
+    assert f"resumed from {_tag_dir(resumed_dir, step)} at step {step}" in resumed.output
+    return straight, resumed, resumed_dir
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume equivalence
 
@@ -114,11 +127,8 @@ def test_resume_is_bitwise_equal_to_straight_run(
             extra=extra,
         )
 
-    straight = _ok(run_trainer(args(tmp_path / "straight"), ranks=2, timeout=240))
-    assert f"accumulation 2 x world 2; {precision}, ZeRO-{stage}" in straight.output
-    resumed_dir = _rolled_back_copy(straight.out_dir, tmp_path / "resumed", K)
-    resumed = _ok(run_trainer(args(resumed_dir), ranks=2, timeout=240))
-    assert f"resumed from {_tag_dir(resumed_dir, K)} at step {K}" in resumed.output
+    straight, resumed, resumed_dir = straight_and_resumed(args, tmp_path, K, ranks=2, precision=precision,
+                                                          stage=stage)
 
     a, b = straight.metrics(), resumed.metrics()
     assert [r["step"] for r in a] == list(range(1, 2 * K + 1))
