@@ -506,6 +506,12 @@ def build_shards(
     return manifests
 
 
+def set_summary(split_dir: Path, m: Manifest) -> str:
+    """One line per written shard set, as the build commands print it."""
+    return (f"{split_dir}: {len(m.shards)} shard(s), {m.documents:,} documents, "
+            f"{m.sequences:,} sequences, {m.tokens:,} tokens ({m.dtype})")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="roberta-ds build-shards",
@@ -550,10 +556,7 @@ def main(argv: list[str]) -> int:
         progress=not args.quiet,
     )
     for split, m in manifests.items():
-        print(
-            f"{Path(args.out) / split}: {len(m.shards)} shard(s), {m.documents:,} documents, "
-            f"{m.sequences:,} sequences, {m.tokens:,} tokens ({m.dtype})"
-        )
+        print(set_summary(Path(args.out) / split, m))
     created = manifests["train"].created_by
     print(
         f"skipped {created['documents_skipped_empty']} empty documents, {created['decode_replacements']} "

@@ -46,6 +46,7 @@ from data_tools.build_shards import (
     SplitWriter,
     already_complete,
     prepare_output,
+    set_summary,
     split_manifest,
     build_settings,
     build_shards,
@@ -371,10 +372,7 @@ def main(argv: list[str]) -> int:
         progress=not a.quiet,
     )
     for split, m in manifests.items():
-        print(
-            f"{Path(a.out) / split}: {len(m.shards)} shard(s), {m.documents:,} documents, "
-            f"{m.sequences:,} sequences, {m.tokens:,} tokens ({m.dtype}) ({time.perf_counter() - t0:.1f} s)"
-        )
+        print(f"{set_summary(Path(a.out) / split, m)} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -240,9 +240,7 @@ def discover(
         mpi_launch = any(v in environ for v in MPI_MARKERS)
         if applies:
             p = slurm_place(environ, hostnames)
-            env = DistEnv(rank=p.rank, world_size=p.world_size, local_rank=p.local_rank,
-                          local_world_size=p.local_world_size, master_addr=p.master_addr,
-                          master_port=p.master_port, source="slurm")
+            env = DistEnv(**dataclasses.asdict(p), source="slurm")
             if use_mpi and any(v in environ for v in ("PMIX_RANK", "PMI_RANK")):
                 size = mpi_agrees(env.rank, env.world_size, comms)
                 env = dataclasses.replace(env, mpi_size=size)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -29,7 +28,7 @@ import psutil
 import pytest
 import torch
 
-from launch import free_port, trainer_command, tiny_args
+from launch import Result, free_port, trainer_command, tiny_args
 from roberta_ds import checkpoint as ckpt
 from roberta_ds.quickstart import launcher_env
 
@@ -54,25 +53,14 @@ def fault_args(tokenizer: Path, shards: Path, out: Path, *, steps: int = STEPS, 
 
 
 @dataclass
-class Job:
+class Job(Result):
+    """launch.Result (output, metrics, losses) plus what the job left behind."""
+
     returncode: int | None
     """The launcher's exit status (None: killed by the test at LAUNCH_TIMEOUT)."""
-    output: str
-    out_dir: Path | None
-    seconds: float
-    """From start to the launcher's exit."""
     orphans: list[str] = field(default_factory=list)
     """Processes of the job's group still alive `orphan_grace` seconds after the launcher exited, and
     shared-memory files of the job left in /dev/shm."""
-
-    def metrics(self) -> list[dict]:
-        path = self.out_dir / "metrics.jsonl" if self.out_dir else None
-        if not path or not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in self.metrics() if "loss" in r}
 
     def tail(self, n: int = 6000) -> str:
         return f"exit {self.returncode} after {self.seconds:.0f}s; output:\n{self.output[-n:]}"
