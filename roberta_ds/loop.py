@@ -17,6 +17,7 @@ import torch
 
 from roberta_ds import checkpoint as ckpt
 from roberta_ds import dist
+from roberta_ds.comm_report import CommMeter, comms_logging, summary_line
 from roberta_ds.config import config_to_dict
 from roberta_ds.ds_config import precision, zero_stage
 from roberta_ds.faults import Faults
@@ -137,6 +138,7 @@ class Trainer:
         self.last_saved = rt.step if rt.step > 0 else -1
         self.times = StepTimes()
         self.lr = lr_at(rt.step, cfg.optim)
+        self.comm = CommMeter(env.world_size) if comms_logging(rt.ds) else None  # comm_report.py
         self.progress.start_heartbeat()  # lets a failing peer tell a dead or frozen rank from a slow one
 
     # -- one optimizer step -----------------------------------------------------------------
@@ -261,6 +263,7 @@ class Trainer:
         """Train to cfg.last_step; returns the process exit code (0, REQUEUE_EXIT_CODE, EXIT_TOO_MANY_SKIPS)."""
         try:
             code = self._train()
+            self._write_comms()
         finally:
             self.progress.stop_heartbeat()
             self.sink.close()
@@ -273,7 +276,11 @@ class Trainer:
         rt, cfg = self.rt, self.rt.cfg
         t_start, start_step = time.perf_counter(), rt.step
         while rt.step < cfg.last_step:
+            if self.comm:
+                self.comm.begin()
             _, stopping = self.train_step()
+            if self.comm:
+                self.comm.end()
             eval_due = bool(self.valid) and (rt.step % cfg.eval_interval == 0 or rt.step == cfg.last_step)
             if rt.step % cfg.log_interval == 0 or rt.step == cfg.last_step or stopping:
                 self.log(t_start, start_step, eval_due)
@@ -299,3 +306,9 @@ class Trainer:
         if self.last_saved != rt.step:
             self.save("end of training")
         return 0
+
+    def _write_comms(self) -> None:
+        if self.comm and self.rt.env.rank == 0:
+            rep = self.comm.write(self.rt.out / "comms.json")
+            if rep:
+                dist.print0(f"[roberta-ds] {summary_line(rep)}: {self.rt.out / 'comms.json'}")

@@ -67,6 +67,8 @@ def format_plan(plan: Plan) -> str:
     one_node = i.gpus <= (i.gpus_per_node or i.spec.gpus_per_node)
     where = "NVLink within one node" if one_node else "across nodes"
     overlap = f"on, {i.overlap:.0%} of gradient reduction hidden" if i.overlap_comm else "off"
+    if i.overlap_comm and i.zero == 1:
+        overlap = "on, but ZeRO-1 reduces after the last backward: nothing hidden"
     lines = [
         (f"roberta-ds plan: {i.model} ({plan.params / 1e6:.1f}M params), {i.gpus} x {i.gpu} "
         f"({plan.gpu_mem_gib:g} GiB), ZeRO-{i.zero}, batch {i.batch} x {i.seq} tokens, {i.steps:,} steps"),

@@ -26,11 +26,22 @@ The micro batch is the largest power of two that divides batch / gpus and fits.
 
 Time: step = compute + exposed communication, compute = batch * seq / (gpus * tokens/s per GPU),
 with tokens/s x 3/4 under checkpointing (one more forward: 4 instead of 3 forward-equivalents).
-Communication per GPU and step (ring collectives, 16-bit, Psi params): stage 0/1: 2 Psi (N-1)/N
-once per step (gradients accumulate locally); stage 2: a reduce-scatter per micro step plus the
-parameter all-gather, (A + 1) Psi (N-1)/N; stage 3: 3 Psi (N-1)/N per micro step. Bandwidth: NVLink
-within a node, the node's NICs across nodes. With overlap_comm a fraction (`--overlap`, a guess: 0.5)
-of gradient reduction hides behind backward; the all-gather after the optimizer step does not.
+Communication per GPU and step (ring collectives, 16-bit messages, Psi = 2 bytes x params), as
+DeepSpeed 0.19 does it with bf16 and fp32 gradient accumulation, measured on 2 ranks with its comms
+logger (tests/test_comm_volume.py, which checks these formulas against a real run):
+    stage 0: one all-reduce per step, 2 Psi (N-1)/N (plain data parallel; DeepSpeed refuses bf16 +
+             fp32 accumulation without ZeRO, so this is fairseq/DDP's case);
+    stage 1: one all-reduce of the accumulated gradients per step, 2 Psi (N-1)/N, plus the all-gather
+             of the updated parameters, Psi (N-1)/N;
+    stage 2: an all-reduce of the whole gradient bucket at EVERY micro step (DeepSpeed's default
+             use_multi_rank_bucket_allreduce; each rank keeps its partition), 2 A Psi (N-1)/N, plus
+             the parameter all-gather, Psi (N-1)/N;
+    stage 3: a reduce-scatter per micro step, A Psi (N-1)/N, and parameter gathers for forward and
+             backward, 2 A Psi (N-1)/N.
+So with accumulation A > 1 ZeRO-2 moves up to 2A/3 times ZeRO-1's bytes. Bandwidth: NVLink within a
+node, the node's NICs across nodes. With overlap_comm a fraction (`--overlap`, a guess: 0.5) of the
+gradient reduction of stages 0, 2 and 3 hides behind backward; stage 1's reduction runs after the
+last backward and the all-gather after the optimizer step: neither hides.
 Scaling efficiency = compute / step (`--scaling-efficiency` overrides it).
 """
 
@@ -188,10 +199,12 @@ def comm_bytes_per_step(params: int, zero_stage: int, gpus: int, accumulation: i
         return 0.0, 0.0
     ring = (gpus - 1) / gpus
     p2 = PARAM_BYTES * params
-    if zero_stage in (0, 1):       # all-reduce (= reduce-scatter + all-gather) once per step
-        return ring * p2, ring * p2
-    if zero_stage == 2:            # reduce-scatter every micro step, gather updated params once
-        return accumulation * ring * p2, ring * p2
+    if zero_stage == 0:            # all-reduce once per step
+        return 2 * ring * p2, 0.0
+    if zero_stage == 1:            # all-reduce once per step, gather the updated partitions
+        return 2 * ring * p2, ring * p2
+    if zero_stage == 2:            # all-reduce every micro step, gather the updated partitions once
+        return 2 * accumulation * ring * p2, ring * p2
     return accumulation * ring * p2, 2 * accumulation * ring * p2   # stage 3: gather fwd + bwd
 
 
@@ -349,7 +362,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         accum = accumulation_steps(inputs.batch, micro, inputs.gpus)
         compute = inputs.batch * inputs.seq / (inputs.gpus * v_tps)
         reduce_b, gather_b = comm_bytes_per_step(params, inputs.zero, inputs.gpus, accum)
-        hidden = inputs.overlap if inputs.overlap_comm else 0.0
+        hidden = inputs.overlap if inputs.overlap_comm and inputs.zero != 1 else 0.0
         if inputs.zero == 3:
             exposed = (reduce_b + gather_b) * (1 - hidden) / (bw * 1e9)
         else:

@@ -114,9 +114,10 @@ def test_time_on_one_gpu_is_tokens_over_rate():
 
 
 def test_communication_model_by_hand():
-    # roberta-large, ZeRO-2, 1024 GPUs across nodes at 40 GB/s, micro 8, accumulation 1:
-    # gradient reduce-scatter and parameter all-gather each move 2 Psi (N-1)/N bytes per GPU;
-    # half the reduce-scatter hides behind backward, the all-gather does not.
+    # roberta-large, ZeRO-2, 1024 GPUs across nodes at 40 GB/s, micro 8, accumulation 1. One ring pass
+    # over the 16-bit parameters moves 2 Psi (N-1)/N bytes per GPU ("moved"). DeepSpeed's ZeRO-2
+    # all-reduces the gradient bucket (2 x moved) and all-gathers the parameters (1 x moved); half the
+    # all-reduce hides behind backward, the all-gather does not.
     psi, n, bw = 355_412_057, 1024, 40e9
     moved = 2 * psi * (n - 1) / n
     p = make_plan(PlanInputs(model="roberta-large", gpus=n, gpu="v100-32gb", zero=2, steps=1,
@@ -124,16 +125,22 @@ def test_communication_model_by_hand():
     v = p.variants[0]
     compute = 8192 * 512 / (n * 10_000)
     assert (v.micro, v.accumulation) == (8, 1)
-    assert v.step_seconds == pytest.approx(compute + (0.5 * moved + moved) / bw)
-    # ZeRO-2 with accumulation reduce-scatters every micro step: (A + 1) x; stage 3: 3 A x.
-    assert plan.comm_bytes_per_step(psi, 2, n, 4) == pytest.approx((4 * moved, moved))
+    assert v.step_seconds == pytest.approx(compute + (0.5 * 2 * moved + moved) / bw)
+    # With accumulation ZeRO-2 all-reduces at every micro step: (2A + 1) x; ZeRO-1 once: 3 x;
+    # stage 3: 3 A x; plain data parallel: one all-reduce, 2 x.
+    assert plan.comm_bytes_per_step(psi, 2, n, 4) == pytest.approx((8 * moved, moved))
+    assert plan.comm_bytes_per_step(psi, 1, n, 4) == pytest.approx((2 * moved, moved))
     assert sum(plan.comm_bytes_per_step(psi, 3, n, 4)) == pytest.approx(3 * 4 * moved)
-    assert sum(plan.comm_bytes_per_step(psi, 1, n, 4)) == pytest.approx(2 * moved)
+    assert plan.comm_bytes_per_step(psi, 0, n, 4) == pytest.approx((2 * moved, 0.0))
     assert plan.comm_bytes_per_step(psi, 2, 1, 4) == (0.0, 0.0)
     # No overlap: everything exposed.
     off = make_plan(PlanInputs(model="roberta-large", gpus=n, gpu="v100-32gb", zero=2, steps=1,
                                tokens_per_sec=10_000, inter_gbs=40, overlap_comm=False))
-    assert off.variants[0].step_seconds == pytest.approx(compute + 2 * moved / bw)
+    assert off.variants[0].step_seconds == pytest.approx(compute + 3 * moved / bw)
+    # ZeRO-1 reduces after the last backward: nothing hides even with overlap_comm.
+    z1 = make_plan(PlanInputs(model="roberta-large", gpus=n, gpu="v100-32gb", zero=1, steps=1,
+                              tokens_per_sec=10_000, inter_gbs=40, micro=8))
+    assert z1.variants[0].step_seconds == pytest.approx(compute + 3 * moved / bw)
 
 
 def test_default_throughput_is_the_h100_anchor_scaled():
