@@ -205,3 +205,21 @@ def test_smoke_cases_fit_the_tiny_model() -> None:
     for c in cases.CASES:
         s = cases.smoke_case(c)
         assert s.model == "tiny" and s.seq <= PRESETS["tiny"].max_seq_len and s.micro >= 1 and not s.compile
+
+
+def test_host_ops_smoke(tmp_path: Path) -> None:
+    """bench/host_ops.py: each stage through the real trainer in its own process; exact op counts."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "host_ops.py"), "--stages", "1", "2", "--layers", "2",
+         "--accum", "3", "--steps", "1", "--work", str(tmp_path / "w"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=launcher_env(), check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    z1, z2 = json.loads(out.read_text())
+    assert (z1["stage"], z2["stage"]) == (1, 2) and z1["params"] == z2["params"] == 34  # 2 layers x 12 + 10
+    assert z1["model_ops"] == z2["model_ops"] > 0
+    # DeepSpeed's ZeRO-2 does per-parameter bucket work at every micro-batch; ZeRO-1 accumulates only.
+    assert 0 < z1["ds_ops_per_micro"] < z2["ds_ops_per_micro"]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("ZeRO-2") and "baseline" in lines[-1] and "x less" in lines[-2]
