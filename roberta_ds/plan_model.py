@@ -26,19 +26,20 @@ The micro batch is the largest power of two that divides batch / gpus and fits.
 
 Time: step = compute + exposed communication, compute = batch * seq / (gpus * tokens/s per GPU),
 with tokens/s x 3/4 under checkpointing (one more forward: 4 instead of 3 forward-equivalents).
-Communication per GPU and step (ring collectives, 16-bit messages, Psi = 2 bytes x params), as
-DeepSpeed 0.19 does it with bf16 and fp32 gradient accumulation, measured on 2 ranks with its comms
-logger (tests/test_comm_volume.py, which checks these formulas against a real run):
-    stage 0: one all-reduce per step, 2 Psi (N-1)/N (plain data parallel; DeepSpeed refuses bf16 +
+Communication per GPU and step, on rings of N GPUs, in bytes, with B = 2 Psi (the 16-bit
+gradients or parameters), as DeepSpeed 0.19 does it with bf16 and fp32 gradient accumulation
+(measured with its comms logger on 2 ranks; tests/test_comm_volume.py holds stages 1 and 2, and
+stage 3's reduction, to these formulas):
+    stage 0: one all-reduce per step, 2 B (N-1)/N (plain data parallel; DeepSpeed refuses bf16 +
              fp32 accumulation without ZeRO, so this is fairseq/DDP's case);
-    stage 1: one all-reduce of the accumulated gradients per step, 2 Psi (N-1)/N, plus the all-gather
-             of the updated parameters, Psi (N-1)/N;
+    stage 1: one all-reduce of the accumulated gradients per step, 2 B (N-1)/N, plus the all-gather
+             of the updated parameters, B (N-1)/N;
     stage 2: an all-reduce of the whole gradient bucket at EVERY micro step (DeepSpeed's default
-             use_multi_rank_bucket_allreduce; each rank keeps its partition), 2 A Psi (N-1)/N, plus
-             the parameter all-gather, Psi (N-1)/N;
-    stage 3: a reduce-scatter per micro step, A Psi (N-1)/N, and parameter gathers for forward and
-             backward, 2 A Psi (N-1)/N.
-So with accumulation A > 1 ZeRO-2 moves up to 2A/3 times ZeRO-1's bytes. Bandwidth: NVLink within a
+             use_multi_rank_bucket_allreduce; each rank keeps its partition), 2 A B (N-1)/N, plus
+             the parameter all-gather, B (N-1)/N;
+    stage 3: a reduce-scatter per micro step, A B (N-1)/N, and parameter gathers for forward and
+             backward, 2 A B (N-1)/N (an upper bound: DeepSpeed keeps small tensors whole).
+So with accumulation A ZeRO-2 sends (2A + 1)/3 times ZeRO-1's bytes. Bandwidth: NVLink within a
 node, the node's NICs across nodes. With overlap_comm a fraction (`--overlap`, a guess: 0.5) of the
 gradient reduction of stages 0, 2 and 3 hides behind backward; stage 1's reduction runs after the
 last backward and the all-gather after the optimizer step: neither hides.
