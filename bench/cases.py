@@ -64,6 +64,9 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
          goal=600e3),
     Case("base512_m128_z1", "ours", B, 512, 128, zero=1, goal=600e3),
     Case("large512_m32_z1", "ours", L, 512, 32, zero=1, goal=220e3),
+    # ZeRO-2 without contiguous_gradients: 28% fewer DeepSpeed host ops per micro-batch (bench/host_ops.py).
+    Case("base512_m64_nocontig", "ours", B, 512, 64, ds_sets=("zero_optimization.contiguous_gradients=false",),
+         goal=600e3),
     # Diagnostic, not the recipe: what attention-probability dropout costs the attention kernels (the
     # profile's 24.5%; bench/NOTES.md "ceiling"). Residual and FFN dropout stay at 0.1.
     Case("base512_m64_attn_nodrop", "ours", B, 512, 64, overrides=(("attention_dropout", 0.0),)),

@@ -38,7 +38,8 @@ for p in (str(REPO), str(REPO / "bench")):
         sys.path.insert(0, p)
 
 
-def measure(stage: int, layers: int, accum: int, steps: int, work: Path) -> dict[str, Any]:
+def measure(stage: int, layers: int, accum: int, steps: int, work: Path, ds_sets: tuple[str, ...] = ()
+            ) -> dict[str, Any]:
     """One stage in this process: op counts and times per micro-batch and per optimizer step."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,7 +60,7 @@ def measure(stage: int, layers: int, accum: int, steps: int, work: Path) -> dict
             return func(*args, **(kwargs or {}))
 
     tok, train = prepare_data(work, 8000, 300_000)
-    c = Case(f"zero{stage}", "ours", "tiny", 64, 2, accum=accum, compile=False, zero=stage,
+    c = Case(f"zero{stage}", "ours", "tiny", 64, 2, accum=accum, compile=False, zero=stage, ds_sets=ds_sets,
              overrides=(("num_layers", layers), ("vocab_size", 8000)))
     rt, trainer = start_trainer(c, tok, train, work / f"run{stage}", 0)
     try:
@@ -108,6 +109,7 @@ def measure(stage: int, layers: int, accum: int, steps: int, work: Path) -> dict
         top = counter.by_op.most_common(8)
         return {
             "stage": stage,
+            "ds_sets": list(ds_sets),
             "optimizer": type(engine.optimizer).__name__,
             "params": sum(1 for p in engine.module.parameters() if p.requires_grad),
             "accum": accum,
@@ -133,7 +135,8 @@ def format_table(rows: list[dict[str, Any]], baseline: int = 2) -> str:
     base = next((r for r in rows if r["stage"] == baseline), None)
     lines = [
         "== host ops DeepSpeed adds (aten ops dispatched; model: {} parameter tensors, eager, {} ops per "
-        "micro-batch fwd+bwd)".format(rows[0]["params"], rows[0]["model_ops"]),
+        "micro-batch fwd+bwd){}".format(rows[0]["params"], rows[0]["model_ops"],
+                                        "; --ds-set " + " ".join(rows[0]["ds_sets"]) if rows[0].get("ds_sets") else ""),
         f"{'stage':<7} {'optimizer':<30} {'DS ops/micro':>13} {'step extra':>11} "
         f"{'DS ops/step (A={})'.format(rows[0]['accum']):>19} {'vs ZeRO-2':>10} {'ms/micro':>9} {'ms/step':>8}",
     ]
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step (>= 3)")
     ap.add_argument("--steps", type=int, default=3, help="measured optimizer steps per stage")
     ap.add_argument("--work", type=Path, default=None, help="data and run directory (default: a temp dir)")
+    ap.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="DeepSpeed config override for every stage, e.g. zero_optimization.overlap_comm=false")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--_stage", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--accum: at least 3 (a first, a middle and a last micro-batch)")
     work = a.work or Path(tempfile.mkdtemp(prefix="host_ops_"))
     if a._stage is not None:
-        print("ROW " + json.dumps(measure(a._stage, a.layers, a.accum, a.steps, work)), flush=True)
+        print("ROW " + json.dumps(measure(a._stage, a.layers, a.accum, a.steps, work, tuple(a.ds_set))), flush=True)
         return 0
     from hf_baseline import free_port_env  # noqa: F401 - fails early when bench/ is broken
 
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for stage in a.stages:  # one process each: a fresh engine and process group
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", str(stage), "--layers", str(a.layers),
-               "--accum", str(a.accum), "--steps", str(a.steps), "--work", str(work)]
+               "--accum", str(a.accum), "--steps", str(a.steps), "--work", str(work),
+               *(x for kv in a.ds_set for x in ("--ds-set", kv))]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), check=False)
         row = next((json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
         if proc.returncode != 0 or row is None:
