@@ -113,10 +113,11 @@ class ShardFile:
         if st.st_size != self.identity[2] or fst.st_size != self.identity[2]:
             raise self._gone(f"truncated or resized ({fst.st_size} bytes, was {self.identity[2]})")
 
-    def read(self, start: int, count: int) -> np.ndarray:
-        """Tokens [start, start + count) as a (count,) array of the shard's dtype."""
+    def read(self, start: int, count: int, fd: int | None = None) -> np.ndarray:
+        """Tokens [start, start + count) as a (count,) array of the shard's dtype; `fd`: this file's
+        descriptor from `fd()` when the caller already holds it (read_rows, once per batch)."""
         nbytes, offset = count * self.dtype.itemsize, start * self.dtype.itemsize
-        data = os.pread(self.fd(), nbytes, offset)
+        data = os.pread(self.fd() if fd is None else fd, nbytes, offset)
         if len(data) != nbytes:
             raise self._gone(f"truncated (read {len(data)} of {nbytes} bytes at offset {offset})")
         return np.frombuffer(data, dtype=self.dtype)
@@ -205,9 +206,13 @@ def read_rows(
             idx, blk = sources[s].blocks, block[rows]
             shard[rows], start[rows], length[rows] = idx.shard[blk], idx.start[blk], idx.length[blk]
     files = [sources[s].files[h] for s, h in zip(src.tolist(), shard.tolist())]
-    for f in set(files):
+    touched = set(files)
+    for f in touched:
         f.check()  # once per batch per shard touched: deleted, replaced or truncated -> named error
-    parts = [f.read(st, n) for f, st, n in zip(files, start.tolist(), length.tolist())]
+    # Descriptors looked up once per shard, not per row, while they all stay open (the LRU keeps
+    # MAX_OPEN_SHARDS; a batch over more shards than that looks each one up as it reads).
+    fds = {f: f.fd() for f in touched} if len(touched) <= MAX_OPEN_SHARDS else {}
+    parts = [f.read(st, n, fds.get(f)) for f, st, n in zip(files, start.tolist(), length.tolist())]
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # (N,) all rows' tokens
 
     # Flat destination of each token in `out`: row start + 1 (after <s>) + its offset + the </s>
