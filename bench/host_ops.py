@@ -14,9 +14,9 @@ the same parameter tensors, so the same number of gradient hooks) at a tiny widt
 micro 2 x accumulation 8. Per micro-batch: ops between consecutive `engine.step()` calls, minus
 the model's own forward+backward ops (the same model built without DeepSpeed, same batch). Per
 optimizer step: the last micro-batch's extra over a middle one (DeepSpeed's reduction, clipping,
-optimizer and copies) plus the trainer's tail. Wall times are medians over steps and only indicative on a CPU.
-On a GPU with the compiled model the model's own launches shrink to a few graph launches while
-DeepSpeed's stay as counted here.
+optimizer and copies) plus the trainer's tail. Wall times are medians over steps and only
+indicative on a CPU. On a GPU with the compiled model the model's own launches shrink to a few
+graph launches while DeepSpeed's stay as counted here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,10 @@ def measure(stage: int, layers: int, accum: int, steps: int, work: Path, ds_sets
             ) -> dict[str, Any]:
     """One stage in this process: op counts and times per micro-batch and per optimizer step."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from cases import Case
     from ours_case import close_trainer, start_trainer
     from synthetic_data import prepare_data
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class OpCount(TorchDispatchMode):
         def __init__(self) -> None:
@@ -95,8 +95,8 @@ def measure(stage: int, layers: int, accum: int, steps: int, work: Path, ds_sets
                     trainer.train_step()
                     end = (counter.n, time.perf_counter())
                 pts = [start, *marks]
-                ops = [b[0] - a[0] for a, b in zip(pts, pts[1:])]
-                secs = [b[1] - a[1] for a, b in zip(pts, pts[1:])]
+                ops = [b[0] - a[0] for a, b in pairwise(pts)]
+                secs = [b[1] - a[1] for a, b in pairwise(pts)]
                 per_micro += ops[1:-1]  # middle micro-batches: no boundary work (the first holds the LR set)
                 micro_s += secs[1:-1]
                 boundary.append(ops[-1] - statistics.median(ops[1:-1]))
@@ -105,7 +105,8 @@ def measure(stage: int, layers: int, accum: int, steps: int, work: Path, ds_sets
         finally:
             engine.step = real_step
         if len(set(per_micro)) != 1:
-            raise RuntimeError(f"zero{stage}: op counts differ between middle micro-batches: {sorted(set(per_micro))}")
+            raise RuntimeError(
+                f"zero{stage}: op counts differ between middle micro-batches: {sorted(set(per_micro))}")
         top = counter.by_op.most_common(8)
         return {
             "stage": stage,
@@ -133,18 +134,21 @@ def ds_ops_per_step(r: dict[str, Any]) -> float:
 
 def format_table(rows: list[dict[str, Any]], baseline: int = 2) -> str:
     base = next((r for r in rows if r["stage"] == baseline), None)
-    lines = [
-        "== host ops DeepSpeed adds (aten ops dispatched; model: {} parameter tensors, eager, {} ops per "
-        "micro-batch fwd+bwd){}".format(rows[0]["params"], rows[0]["model_ops"],
-                                        "; --ds-set " + " ".join(rows[0]["ds_sets"]) if rows[0].get("ds_sets") else ""),
-        f"{'stage':<7} {'optimizer':<30} {'DS ops/micro':>13} {'step extra':>11} "
-        f"{'DS ops/step (A={})'.format(rows[0]['accum']):>19} {'vs ZeRO-2':>10} {'ms/micro':>9} {'ms/step':>8}",
-    ]
+    first = rows[0]
+    sets = "; --ds-set " + " ".join(first["ds_sets"]) if first.get("ds_sets") else ""
+    title = (f"== host ops DeepSpeed adds (aten ops dispatched; model: {first['params']} parameter tensors, "
+             f"eager, {first['model_ops']} ops per micro-batch fwd+bwd){sets}")
+    per_step = f"DS ops/step (A={first['accum']})"
+    header = (f"{'stage':<7} {'optimizer':<30} {'DS ops/micro':>13} {'step extra':>11} {per_step:>19} "
+              f"{'vs ZeRO-2':>10} {'ms/micro':>9} {'ms/step':>8}")
+    lines = [title, header]
     for r in rows:
-        ratio = f"{ds_ops_per_step(base) / ds_ops_per_step(r):.2f}x less" if base and r is not base else "baseline"
+        less = f"{ds_ops_per_step(base) / ds_ops_per_step(r):.2f}x less" if base else ""
+        ratio = "baseline" if base is None or r is base else less
         lines.append(
-            f"ZeRO-{r['stage']:<2} {r['optimizer']:<30} {r['ds_ops_per_micro']:>13,} {r['ops_per_step_extra']:>11,.0f} "
-            f"{ds_ops_per_step(r):>19,.0f} {ratio:>10} {r['ms_per_micro']:>9.1f} {r['ms_per_step']:>8.1f}"
+            f"ZeRO-{r['stage']:<2} {r['optimizer']:<30} {r['ds_ops_per_micro']:>13,} "
+            f"{r['ops_per_step_extra']:>11,.0f} {ds_ops_per_step(r):>19,.0f} {ratio:>10} "
+            f"{r['ms_per_micro']:>9.1f} {r['ms_per_step']:>8.1f}"
         )
     return "\n".join(lines)
 
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="measured optimizer steps per stage")
     ap.add_argument("--work", type=Path, default=None, help="data and run directory (default: a temp dir)")
     ap.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="DeepSpeed config override for every stage, e.g. zero_optimization.overlap_comm=false")
+                    help="DeepSpeed config override for every stage, "
+                         "e.g. zero_optimization.overlap_comm=false")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--_stage", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -165,19 +170,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--accum: at least 3 (a first, a middle and a last micro-batch)")
     work = a.work or Path(tempfile.mkdtemp(prefix="host_ops_"))
     if a._stage is not None:
-        print("ROW " + json.dumps(measure(a._stage, a.layers, a.accum, a.steps, work, tuple(a.ds_set))), flush=True)
+        row = measure(a._stage, a.layers, a.accum, a.steps, work, tuple(a.ds_set))
+        print("ROW " + json.dumps(row), flush=True)
         return 0
-    from hf_baseline import free_port_env  # noqa: F401 - fails early when bench/ is broken
-
     from roberta_ds.quickstart import launcher_env
 
     rows = []
     for stage in a.stages:  # one process each: a fresh engine and process group
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", str(stage), "--layers", str(a.layers),
-               "--accum", str(a.accum), "--steps", str(a.steps), "--work", str(work),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", str(stage),
+               "--layers", str(a.layers), "--accum", str(a.accum), "--steps", str(a.steps),
+               "--work", str(work),
                *(x for kv in a.ds_set for x in ("--ds-set", kv))]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=launcher_env(), check=False)
-        row = next((json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
+        lines = proc.stdout.splitlines()
+        row = next((json.loads(line[4:]) for line in lines if line.startswith("ROW ")), None)
         if proc.returncode != 0 or row is None:
             print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
             print(f"host_ops: ZeRO-{stage} failed (exit {proc.returncode})", file=sys.stderr)

@@ -76,7 +76,8 @@ def report(counts: Counts, steps: int, world_size: int) -> dict[str, Any]:
     """comms.json's content: calls per step by op and message size, and ring bytes per step by kind."""
     if steps < 1:
         raise ValueError("report: steps must be >= 1")
-    per_step = {op: {str(size): n / steps for size, n in sorted(sizes.items())} for op, sizes in sorted(counts.items())}
+    per_step = {op: {str(size): n / steps for size, n in sorted(sizes.items())}
+                for op, sizes in sorted(counts.items())}
     sent = {k: v / steps for k, v in ring_bytes(counts, world_size).items()}
     return {"steps": steps, "world_size": world_size, "calls_per_step": per_step, "bytes_sent_per_step": sent}
 
@@ -94,16 +95,16 @@ class CommMeter:
         from deepspeed.comm import comms_logger
 
         self._logger, self.world_size = comms_logger, world_size
-        self.steps, self.total, self._before, self._seen = 0, {}, {}, 0
+        self.steps, self.total, self._before, self._warm = 0, {}, {}, False
 
     def begin(self) -> None:
         self._before = counts_of(self._logger.comms_dict)
 
     def end(self) -> None:
-        self._seen += 1
-        if self._seen > 1:  # the process's first step also carries setup traffic
+        if self._warm:  # the process's first step also carries setup traffic: not counted
             self.total = add(self.total, subtract(counts_of(self._logger.comms_dict), self._before))
             self.steps += 1
+        self._warm = True
 
     def write(self, path: Path) -> dict[str, Any] | None:
         """Writes comms.json (atomically); None when fewer than two steps ran."""

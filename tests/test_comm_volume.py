@@ -51,7 +51,8 @@ def test_bytes_per_step_match_the_plan(stage: int, small_tokenizer: Path, small_
     assert calls == {1: 1, 2: 2}[stage], rep
 
 
-def test_stage3_reduce_scatters_every_micro_step(small_tokenizer: Path, small_shards: Path, tmp_path: Path) -> None:
+def test_stage3_reduce_scatters_every_micro_step(small_tokenizer: Path, small_shards: Path,
+                                                 tmp_path: Path) -> None:
     """ZeRO-3: the gradient reduce-scatter of the plan, A x Psi (N-1)/N. (Its parameter gathers depend
     on DeepSpeed's persistence and prefetch thresholds, which keep the tiny model's small tensors
     whole; the plan's 2 A x is the large-model bound.)"""
@@ -69,5 +70,6 @@ def test_report_arithmetic() -> None:
     rep = comm_report.report(d, steps=2, world_size=4)
     # Per step: one all-reduce of 4000 bytes sends 2 x 4000 x 3/4; one gathered 2000-byte shard sends
     # 2000 x 3; the 8-byte flag counts as control.
-    assert rep["bytes_sent_per_step"] == {"gradient": 6000.0, "parameter": 6000.0, "control": 12.0, "other": 0.0}
+    want = {"gradient": 6000.0, "parameter": 6000.0, "control": 12.0, "other": 0.0}
+    assert rep["bytes_sent_per_step"] == want
     assert rep["calls_per_step"]["all_reduce"] == {"8": 1.0, "4000": 1.0}
