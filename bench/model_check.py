@@ -1,4 +1,4 @@
-"""The model's GPU check: which SDPA kernel trains, masked-only head vs full head, forward+backward vs HF.
+"""The model's GPU check: the attention kernels that train, varlen vs key mask, masked-only head, speed.
 
     python bench/model_check.py                 # GPU: roberta-base, micro 32 x 512, bf16 autocast
     python bench/model_check.py --smoke         # CPU: tiny model, a few iterations (the CI check)
@@ -11,12 +11,17 @@ Three measurements, one table printed last:
      Passes on a GPU when both run a fused flash-attention kernel: FlashAttention-2 (`flash`) or
      cuDNN's (`cudnn`, kernels `cudnn_generated_fort_native_sdpa_sm90_flash_{fprop,bprop}`), which
      PyTorch 2.11 picks on an H100 for both batches, mask or none; never the math fallback;
+     The "varlen" kernel (`model.attention_kernel`) must show FlashAttention-2's varlen op
+     (`aten::_flash_attention_forward`, "flash-varlen") on a GPU;
   2. head parity: eval mode (no dropout), bf16 autocast, the same batch: the masked-only head's loss
      (gather, then project) against cross-entropy over the full logits at the labelled positions,
      and both against fp32; passes within bf16 tolerance (1% relative);
-  3. forward+backward time at micro 32 x 512, training mode, bf16 autocast, fp32 weights, eager:
-     ours with padding mask, ours without a mask, ours with the mask forced onto the cuDNN backend
-     (on CUDA), and HF `RobertaForMaskedLM` (sdpa, full-vocabulary logits, no mask) on the same ids.
+  3. varlen parity: eval mode (no dropout), bf16 autocast, the padded batch: loss and every parameter
+     gradient of the "varlen" kernel against the key mask's; passes at a loss gap < 1% and gradient
+     cosine > 0.999 (on CPU both run SDPA and agree exactly);
+  4. forward+backward time at micro 32 x 512, training mode, bf16 autocast, fp32 weights, eager:
+     ours with padding mask, ours with varlen segments, ours without a mask, ours with the mask forced
+     onto the cuDNN backend (on CUDA), and HF `RobertaForMaskedLM` (sdpa, full-vocabulary logits, no mask) on the same ids.
      Median of timed iterations, device synchronised per iteration.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -48,6 +54,7 @@ SDPA_OPS = {
     "aten::_scaled_dot_product_efficient_attention": "mem-efficient",
     "aten::_scaled_dot_product_cudnn_attention": "cudnn",
     "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_flash_attention_forward": "flash-varlen",
 }
 BF16_RTOL = 1e-2
 
@@ -83,21 +90,47 @@ def sdpa_ops_used(fn: Any) -> list[str]:
     return sorted({label for op, label in SDPA_OPS.items() if op in names}) or ["none seen"]
 
 
+def with_kernel(model: RobertaMLM, kernel: str) -> RobertaMLM:
+    """A copy of `model` (same weights, device, mode) whose attention runs `kernel`."""
+    other = RobertaMLM(dataclasses.replace(model.cfg, attention_kernel=kernel))
+    other.load_state_dict(model.state_dict())
+    return other.to(next(model.parameters()).device).train(model.training)
+
+
 def check_kernels(model: RobertaMLM, batches: dict[str, tuple], device: torch.device) -> dict[str, Any]:
     model.train()
+    varlen = with_kernel(model, "varlen")
     out = {}
-    for name, has_padding in (("padded batch, key mask", True), ("no padding, no mask", False)):
+    cases = (("padded batch, key mask", model, True), ("padded batch, varlen", varlen, True),
+             ("no padding, no mask", model, False))
+    for name, m, has_padding in cases:
         ids, pos, lab, _ = batches["padded" if has_padding else "full"]
 
-        def fwd_bwd() -> None:
+        def fwd_bwd(m=m, ids=ids, pos=pos, lab=lab, has_padding=has_padding) -> None:
             with autocast(device):
-                loss = model(ids, pos, lab, has_padding=has_padding)
+                loss = m(ids, pos, lab, has_padding=has_padding)
             loss.backward()
-            model.zero_grad(set_to_none=True)
+            m.zero_grad(set_to_none=True)
 
         fwd_bwd()  # warm-up outside the profile
         out[name] = sdpa_ops_used(fwd_bwd)
     return out
+
+
+def check_varlen(model: RobertaMLM, batch: tuple, device: torch.device) -> dict[str, Any]:
+    """The varlen kernel's loss and gradients against the key mask's on a padded batch (no dropout)."""
+    ids, pos, lab, _ = batch
+    res: dict[str, Any] = {}
+    for kernel in ("sdpa", "varlen"):
+        m = with_kernel(model, kernel).eval()
+        with autocast(device):
+            loss = m(ids, pos, lab)
+        loss.backward()
+        res[kernel] = (loss.float().item(), torch.cat([q.grad.float().flatten() for q in m.parameters()]))
+    gap = abs(res["varlen"][0] - res["sdpa"][0]) / abs(res["sdpa"][0])
+    cos = F.cosine_similarity(res["varlen"][1], res["sdpa"][1], dim=0).item()
+    return {"loss_sdpa": res["sdpa"][0], "loss_varlen": res["varlen"][0], "rel_gap": gap, "grad_cosine": cos,
+            "ok": gap < BF16_RTOL and cos > 0.999}
 
 
 def check_head(model: RobertaMLM, batch: tuple, device: torch.device) -> dict[str, Any]:
@@ -149,8 +182,9 @@ def time_fwd_bwd(
     ours = RobertaMLM(cfg).to(device).train()
     rows = []
 
-    def ours_step(has_padding: bool, backend: Any = None) -> Any:
+    def ours_step(has_padding: bool, backend: Any = None, model: RobertaMLM | None = None) -> Any:
         ids, pos, lab, _ = batches["padded" if has_padding else "full"]
+        m = model or ours
 
         def step() -> None:
             ctx = contextlib.nullcontext()
@@ -159,14 +193,15 @@ def time_fwd_bwd(
 
                 ctx = sdpa_kernel([backend])
             with ctx, autocast(device):
-                loss = ours(ids, pos, lab, has_padding=has_padding)
+                loss = m(ids, pos, lab, has_padding=has_padding)
             loss.backward()
-            ours.zero_grad(set_to_none=True)
+            m.zero_grad(set_to_none=True)
 
         return step
 
     variants: list[tuple[str, Any]] = [
         ("ours, key mask (packed rows)", ours_step(True)),
+        ("ours, varlen segments (packed rows)", ours_step(True, model=with_kernel(ours, "varlen"))),
         ("ours, no mask", ours_step(False)),
     ]
     if device.type == "cuda":
@@ -200,7 +235,9 @@ def _timed_row(name: str, fn: Any, ids: torch.Tensor, device: torch.device, warm
     return {"variant": name, "ms": s * 1e3, "positions_per_s": ids.numel() / s}
 
 
-def format_report(kernels: dict, head: dict, timing: list[dict], device: str, shape: str) -> str:
+def format_report(
+    kernels: dict, head: dict, varlen: dict, timing: list[dict], device: str, shape: str
+) -> str:
     lines = [f"== roberta-ds model check, one {device}; {shape}; bf16 autocast, fp32 weights, eager"]
     lines.append("SDPA implementation in a training-mode forward+backward (dropout 0.1):")
     lines += [f"  {k:<26} {', '.join(v)}" for k, v in kernels.items()]
@@ -210,6 +247,11 @@ def format_report(kernels: dict, head: dict, timing: list[dict], device: str, sh
         lines.append(f"  {prec}: masked-only {h['masked_only']:.5f}  full {h['full_head']:.5f}")
     gaps = ", ".join(f"{k} {v:.2e}" for k, v in head["rel_gaps"].items())
     lines.append(f"  relative gaps: {gaps} -> {'PASS' if head['ok'] else 'FAILED'} (bf16 tol {BF16_RTOL:g})")
+    lines.append(
+        f"varlen vs key mask (eval, padded batch, bf16): loss {varlen['loss_varlen']:.5f} vs "
+        f"{varlen['loss_sdpa']:.5f}, gap {varlen['rel_gap']:.2e}, gradient cosine {varlen['grad_cosine']:.6f}"
+        f" -> {'PASS' if varlen['ok'] else 'FAILED'}"
+    )
     lines.append("forward+backward, median:")
     lines.append(f"  {'variant':<40} {'ms':>8} {'positions/s':>12} {'vs HF':>7}")
     for r in timing:
@@ -242,17 +284,22 @@ def main(argv: list[str] | None = None) -> int:
     model = RobertaMLM(cfg).to(device)
     kernels = check_kernels(model, batches, device)
     head = check_head(model, batches["padded"], device)
+    varlen = check_varlen(model, batches["padded"], device)
     del model
     timing = time_fwd_bwd(cfg, batches, device, warmup=3 if gpu else 1, iters=iters)
     name = torch.cuda.get_device_name() if gpu else "CPU (tiny model: numbers do not count)"
-    report = format_report(kernels, head, timing, name, f"micro {micro} x {seq}, {cfg.num_layers} layers")
+    shape = f"micro {micro} x {seq}, {cfg.num_layers} layers"
+    report = format_report(kernels, head, varlen, timing, name, shape)
     if a.json:
-        a.json.write_text(json.dumps({"kernels": kernels, "head": head, "timing": timing}, indent=1))
+        a.json.write_text(json.dumps({"kernels": kernels, "head": head, "varlen": varlen, "timing": timing},
+                                     indent=1))
     print(report, flush=True)
     fused = {"flash", "cudnn"}
-    fused_ok = not gpu or all(fused & set(ops) and "math" not in ops for ops in kernels.values())
+    sdpa = [ops for k, ops in kernels.items() if "varlen" not in k]
+    sdpa_ok = all(fused & set(ops) and "math" not in ops for ops in sdpa)
+    fused_ok = not gpu or (sdpa_ok and "flash-varlen" in kernels["padded batch, varlen"])
     print(f"fused flash-attention kernel in training: {'PASS' if fused_ok else 'FAILED'}", flush=True)
-    return 0 if head["ok"] and fused_ok else 1
+    return 0 if head["ok"] and varlen["ok"] and fused_ok else 1
 
 
 if __name__ == "__main__":

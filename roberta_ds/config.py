@@ -44,6 +44,10 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (memory for ~30% more compute)."""
+    attention_kernel: str = "sdpa"
+    """"sdpa" (SDPA with a key-padding mask) or "varlen" (FlashAttention-2 over each row's real tokens
+    as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA). Same maths at
+    real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "type_vocab_size"):
@@ -59,6 +63,11 @@ class ModelConfig:
             f"must exceed pad_id + 1 = {self.pad_id + 1} (positions start after the padding index)",
         )
         _require(0 <= self.pad_id < self.vocab_size, "model.pad_id", f"{self.pad_id} is outside the vocabulary")
+        _require(
+            self.attention_kernel in ("sdpa", "varlen"),
+            "model.attention_kernel",
+            f"must be 'sdpa' or 'varlen', got {self.attention_kernel!r}",
+        )
         for name in ("dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 

@@ -221,6 +221,23 @@ def mask_batch(
     return out, np.where(used, pos, 0), labels
 
 
+def check_right_padded(rows: np.ndarray, pad_id: int, sample_index: np.ndarray) -> np.ndarray:
+    """(B, T) token rows -> (B, T) bool pad flags, after checking that padding only follows the last
+    real token. The pad id inside text would be dropped from attention by the key mask and split a
+    varlen segment (roberta_ds/attention.py) in two different ways: never silently, it is a data error.
+    Our shard builder cannot write it (tokenizers encode a literal "<pad>" as text)."""
+    is_pad = rows == pad_id
+    inside = is_pad[:, :-1] & ~is_pad[:, 1:]  # a pad followed by a real token
+    if inside.any():
+        row, col = (int(x[0]) for x in np.nonzero(inside))
+        raise ShardFormatError(
+            f"sample {int(sample_index[row])} holds the padding id {pad_id} at position {col} inside its "
+            "text: the shards contain the pad token. Re-tokenize with roberta-ds' data_tools (special "
+            "tokens in text are encoded as text), or drop those documents"
+        )
+    return is_pad
+
+
 class MaskingCollator:
     """Rows (B, T) + their stream indices -> the model's batch dict of torch tensors (see module doc)."""
 
@@ -235,11 +252,12 @@ class MaskingCollator:
         epoch: np.ndarray,
         sentence_starts: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
+        is_pad = check_right_padded(rows, self.spec.pad_id, sample_index)
         ids, positions, labels = mask_batch(rows, sample_index, epoch, self.seed, self.spec, sentence_starts)
         return {
             "input_ids": torch.from_numpy(ids),
             "mlm_positions": torch.from_numpy(positions),
             "mlm_labels": torch.from_numpy(labels),
             "sample_index": torch.from_numpy(np.ascontiguousarray(sample_index, dtype=np.int64)),
-            "num_tokens": torch.tensor(int((rows != self.spec.pad_id).sum()), dtype=torch.int64),
+            "num_tokens": torch.tensor(int(is_pad.size - is_pad.sum()), dtype=torch.int64),
         }

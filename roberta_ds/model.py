@@ -7,10 +7,11 @@ decoder tied to the word embedding, bias). No DeepSpeed or torch.distributed her
 precision and sharding belong to the engine (train.py).
 
 Speed choices, none of which changes the maths:
-- attention runs through `F.scaled_dot_product_attention` with a key-padding mask: on an H100
-  (torch 2.11) SDPA runs cuDNN's fused flash-attention kernels with that mask and dropout, measured
-  by bench/model_check.py (FlashAttention-2 itself takes no mask: `has_padding=False` drops it for
-  a batch known to hold no padding); Q, K and V come from one fused projection;
+- attention (roberta_ds/attention.py, `model.attention_kernel`): "sdpa" runs
+  `F.scaled_dot_product_attention` with a key-padding mask (cuDNN's fused kernels on an H100, torch
+  2.11, measured by bench/model_check.py); "varlen" runs FlashAttention-2's variable-length kernel,
+  with dropout, over each row's real tokens and its padding as separate segments, with no mask. Q, K
+  and V come from one fused projection; `has_padding=False` drops the mask for a batch without padding;
 - the training call gathers the hidden states of the K labelled positions once, after the layer
   stack, and runs the LM head on those (B, K, H) rows only: 15% of the vocabulary projection work;
 - no data-dependent Python control flow, `.item()` or `nonzero()` in `forward`, so
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from roberta_ds.attention import attend, attention_inputs
 from roberta_ds.config import ModelConfig
 from roberta_ds.errors import ConfigError
 
@@ -45,18 +47,6 @@ def position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     `create_position_ids_from_input_ids`). (B, T) int64 -> (B, T) int64."""
     not_pad = input_ids.ne(pad_id)
     return torch.cumsum(not_pad, dim=1) * not_pad + pad_id
-
-
-def key_mask(keep: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool, True = a real token -> (B, 1, 1, T) SDPA mask (True = may be attended to).
-
-    Column 0 is always kept: in a right-padded batch it is `<s>` of every real row, and a row made
-    only of padding would otherwise have no key at all, give NaN, and a NaN in any activation
-    poisons every weight gradient (0 x NaN = NaN in the matmul backward) even with label -100.
-    """
-    keep = keep.clone()
-    keep[:, 0] = True
-    return keep[:, None, None, :]
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,24 +82,24 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention: fused QKV projection, SDPA, output projection."""
+    """Multi-head self-attention: fused QKV projection, the configured kernel, output projection."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.attention_dropout = cfg.attention_dropout
+        self.kernel = cfg.attention_kernel
         # Rows [0, H) are the query projection, [H, 2H) key, [2H, 3H) value (see hf_names.py).
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
+        """x (B, T, H); `mask` as `attention.attention_inputs` built it for `kernel` (default: the
+        configured one) -> (B, T, H)."""
         B, T, H = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )  # (B, heads, T, head_dim)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H))
+        p = self.attention_dropout if self.training else 0.0
+        return self.proj(attend(qkv, kernel or self.kernel, mask, p))
 
 
 class FeedForward(nn.Module):
@@ -133,8 +123,8 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.drop(self.attn(x, mask, kernel)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 
@@ -198,17 +188,21 @@ class RobertaMLM(nn.Module):
                 f"{self.cfg.pad_id + 1}); shorten data.max_seq_len or raise model.max_positions"
             )
 
-    def encode(self, input_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """Hidden states of the last layer. input_ids (B, T); keep (B, T) bool (True = real token) or
-        None for no attention mask at all -> (B, T, H)."""
+    def encode(
+        self, input_ids: torch.Tensor, keep: torch.Tensor | None, kernel: str | None = None
+    ) -> torch.Tensor:
+        """Hidden states of the last layer. input_ids (B, T); keep (B, T) bool (True = a real token) or
+        None for no attention mask at all; kernel: "sdpa" | "varlen", default the configured one (varlen
+        needs right-padded rows) -> (B, T, H)."""
         self._check_length(input_ids)
-        mask = None if keep is None else key_mask(keep)  # built once, shared by every layer
+        kernel = kernel or self.cfg.attention_kernel
+        mask = attention_inputs(keep, kernel)  # built once, shared by every layer
         x = self.embeddings(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, use_reentrant=False)
+                x = checkpoint(layer, x, mask, kernel, use_reentrant=False)
             else:
-                x = layer(x, mask)
+                x = layer(x, mask, kernel)
         return x
 
     def forward(
@@ -238,4 +232,5 @@ class RobertaMLM(nn.Module):
         checks. Positions always come from `input_ids` (as in HF); the attention mask defaults to
         `input_ids != pad_id`."""
         keep = input_ids.ne(self.cfg.pad_id) if attention_mask is None else attention_mask.bool()
-        return self.head(self.encode(input_ids, keep), self.embeddings.word.weight)
+        # SDPA's key mask whatever the training kernel: a caller's mask need not be right-padded.
+        return self.head(self.encode(input_ids, keep, "sdpa"), self.embeddings.word.weight)

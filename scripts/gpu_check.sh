@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The trainer's checks on one CUDA GPU (tests/test_train_cuda.py: resume in bf16 and in fp16 with loss
-# scaling, ZeRO-2; the quickstart), for a machine whose image has torch, transformers and pytest but
-# no DeepSpeed: the wheels travel in .whl/ (bash ../shared/gpu/prepare-wheels.sh here, once).
+# scaling, ZeRO-2; the quickstart; tests/test_attention_cuda.py: the varlen attention kernel), for a
+# machine whose image has torch, transformers and pytest but no DeepSpeed: the wheels travel in .whl/
+# (bash ../shared/gpu/prepare-wheels.sh here, once).
 # One device call, carry [".whl"], timeout_s 420:   bash scripts/gpu_check.sh
 # Writes $OUT/gpu_check.log when OUT is set.
 set -uo pipefail
@@ -11,5 +12,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 log=${OUT:-/tmp}/gpu_check.log
-timeout "${CHECK_S:-400}" python3 -m pytest -v -rs -p no:cacheprovider tests/test_train_cuda.py 2>&1 | tee "$log"
+tests=(tests/test_train_cuda.py tests/test_attention_cuda.py)
+timeout "${CHECK_S:-400}" python3 -m pytest -v -rs -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"

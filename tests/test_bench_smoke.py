@@ -65,13 +65,13 @@ def row_line(lines: list[str], case: str) -> list[str]:
 
 
 def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
-    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "parity"]
+    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m64_varlen", "parity"]
     proc, rows = run_bench(tmp_path, "--in-process", "--cases", *cases)
     by = {r["case"]: r for r in rows}
     assert [r["case"] for r in rows] == cases and all(r["status"] == "ok" for r in rows), rows
     lines = table_lines(proc.stdout)
 
-    for name in ("base512_m64", "large512_m32_ckpt"):
+    for name in ("base512_m64", "large512_m32_ckpt", "base512_m64_varlen"):
         r = by[name]
         assert r["impl"] == "ours" and r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
         assert math.isfinite(r["loss"]) and 0 < r["loss"] < 2 * math.log(2048)
@@ -122,6 +122,9 @@ def test_model_check_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["head"]["ok"] and res["head"]["rel_gaps"]["fp32 masked vs fp32 full"] < 1e-5
+    # On CPU the varlen kernel's segments run through SDPA with a block mask: the same numbers exactly.
+    assert res["varlen"]["ok"] and res["varlen"]["rel_gap"] == 0.0 and res["varlen"]["grad_cosine"] > 0.9999
+    assert "padded batch, varlen" in res["kernels"]
     assert all(ops and ops != ["none seen"] for ops in res["kernels"].values())
     names = [r["variant"] for r in res["timing"]]
     assert names[-1].startswith("HF") and all(r["ms"] > 0 for r in res["timing"])

@@ -1,0 +1,98 @@
+"""Attention kernels for the encoder: SDPA with a key-padding mask, or FlashAttention-2 over segments.
+
+`model.attention_kernel` picks one; both give the same outputs at real positions and the same loss
+and gradients (padding positions never reach the loss):
+
+- "sdpa": `F.scaled_dot_product_attention` with a (B, 1, 1, T) key-padding mask. On an H100 with
+  torch 2.11 PyTorch runs cuDNN's fused attention for it (bench/model_check.py); a mask rules out
+  PyTorch's own FlashAttention-2 kernel.
+- "varlen": the (B, T) batch is seen as 2B variable-length segments laid end to end, each row's real
+  tokens and then its padding: cu_seqlens = [0, n_0, T, T + n_1, 2T, ..., (B-1)T + n_{B-1}, BT].
+  A real query attends exactly to its row's real keys, as under the key mask; padding attends only
+  to padding. FlashAttention-2's varlen kernel (`aten._flash_attention_forward`, the kernel behind
+  nested-tensor SDPA) takes that with dropout on the probabilities and no mask at all. Shapes stay
+  static (2B + 1 offsets, BT positions), so torch.compile needs no dynamic shapes and nothing waits
+  on the host. Off CUDA, or in fp32 (which the kernel lacks), the same segments run through SDPA
+  with a block mask, so CPU tests check the semantics.
+
+Both need right-padded rows (padding only after the last real token), which our loader guarantees
+(`roberta_ds.masking.check_right_padded`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("sdpa", "varlen")
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def key_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True = a real token -> (B, 1, 1, T) SDPA mask (True = may be attended to).
+
+    Column 0 is always kept: in a right-padded batch it is `<s>` of every real row, and a row made
+    only of padding would otherwise have no key at all, give NaN, and a NaN in any activation
+    poisons every weight gradient (0 x NaN = NaN in the matmul backward) even with label -100.
+    """
+    keep = keep.clone()
+    keep[:, 0] = True
+    return keep[:, None, None, :]
+
+
+def segment_offsets(keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool real-token flags of right-padded rows -> (2B + 1,) int32 cumulative segment offsets
+    [0, n_0, T, T + n_1, ..., BT]: segment 2b is row b's n_b real tokens, 2b + 1 its padding (empty for
+    a full row). Computed on the device without a sync."""
+    b, t = keep.shape
+    starts = torch.arange(b, device=keep.device, dtype=torch.int32) * t
+    ends = starts + keep.sum(dim=1, dtype=torch.int32)
+    inner = torch.stack((starts, ends), dim=1).flatten()
+    return torch.cat((inner, inner.new_full((1,), b * t)))
+
+
+def segment_mask(offsets: torch.Tensor, t: int) -> torch.Tensor:
+    """The block mask the varlen kernel implies, for SDPA: (2B + 1,) offsets -> (B, 1, T, T) bool,
+    True where query i and key j lie in the same segment (both real or both padding)."""
+    lengths = offsets[1:-1:2] - offsets[0:-1:2]  # (B,) real tokens per row
+    is_pad = torch.arange(t, device=offsets.device)[None, :] >= lengths[:, None]  # (B, T)
+    return (is_pad[:, :, None] == is_pad[:, None, :])[:, None]
+
+
+def flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_len: int, dropout_p: float
+) -> torch.Tensor:
+    """FlashAttention-2 over segments. q, k, v (N, heads, head_dim) with a unit last stride, bf16 or
+    fp16 on CUDA; offsets (S + 1,) int32 -> (N, heads, head_dim). Differentiable: autograd calls
+    `aten._flash_attention_backward` with the forward's RNG state, so the dropout mask is replayed."""
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, offsets, offsets, max_len, max_len, dropout_p, False, False, scale=None
+    )
+    return out[0]
+
+
+def use_flash(q: torch.Tensor) -> bool:
+    """Whether the varlen kernel can run these queries (static under torch.compile)."""
+    return q.is_cuda and q.dtype in FLASH_DTYPES
+
+
+def attend(qkv: torch.Tensor, kernel: str, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """Multi-head attention of a fused projection. qkv (B, T, 3, heads, head_dim); `mask` is what
+    `attention_inputs` built for `kernel` -> (B, T, heads * head_dim)."""
+    b, t, _, h, d = qkv.shape
+    if kernel == "varlen" and mask is not None and use_flash(qkv):
+        q, k, v = qkv.reshape(b * t, 3, h, d).unbind(1)  # each (BT, heads, head_dim), row stride 3hd
+        return flash_varlen(q, k, v, mask, t, dropout_p).reshape(b, t, h * d)
+    if kernel == "varlen" and mask is not None:
+        mask = segment_mask(mask, t)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(b, t, h * d)
+
+
+def attention_inputs(keep: torch.Tensor | None, kernel: str) -> torch.Tensor | None:
+    """What every layer's attention needs, built once per forward: the key mask (sdpa), the segment
+    offsets (varlen), or None when the batch holds no padding (no mask, one segment per row)."""
+    if keep is None:
+        return None
+    return segment_offsets(keep) if kernel == "varlen" else key_mask(keep)

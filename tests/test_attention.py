@@ -1,0 +1,118 @@
+"""The "varlen" attention kernel: segment offsets, the same loss and gradients as the key mask, the
+FlashAttention-2 call checked against the op's schema on meta tensors, and the right-padding guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_model import PAD, V, batch, make_model, mlm_targets
+
+from roberta_ds import attention
+from roberta_ds.config import model_config
+from roberta_ds.errors import ConfigError, ShardFormatError
+from roberta_ds.masking import check_right_padded
+
+
+def test_segment_offsets_alternate_real_and_padding():
+    ids = batch([10, 16, 1, 7], T=16)  # partial, full, only <s>, partial
+    offsets = attention.segment_offsets(ids.ne(PAD))
+    assert offsets.dtype == torch.int32 and offsets.is_contiguous()
+    assert offsets.tolist() == [0, 10, 16, 32, 32, 33, 48, 55, 64]  # the full row's padding is empty
+
+
+def test_segment_mask_agrees_with_key_mask_for_real_queries():
+    keep = batch([10, 16, 3], T=16).ne(PAD)
+    seg = attention.segment_mask(attention.segment_offsets(keep), 16)  # (B, 1, T, T)
+    key = attention.key_mask(keep).expand(-1, -1, 16, -1)
+    real = keep[:, None, :, None].expand_as(seg)
+    assert torch.equal(seg[real], key[real])
+    # Padding queries see padding keys only (never a real token), so nothing flows back into real rows.
+    pad_q = ~keep[:, None, :, None] & seg
+    assert not (pad_q & keep[:, None, None, :]).any()
+
+
+def run(kernel: str, ids: torch.Tensor, train: bool, **overrides):
+    model = make_model(attention_kernel=kernel, **overrides).train(train)
+    pos, lab = mlm_targets(ids, K=4)
+    torch.manual_seed(3)  # the same dropout draws for both kernels
+    loss = model(ids, pos, lab)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train-dropout"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
+def test_varlen_gives_the_key_masks_loss_and_gradients(train, ckpt):
+    """Exact on CPU: the segments' block mask selects the same keys for every real query, and dropout
+    draws over the same (B, heads, T, T) shape."""
+    ids = batch([16, 11, 5, 16], T=16)
+    ref_loss, ref_grads = run("sdpa", ids, train, activation_checkpointing=ckpt)
+    loss, grads = run("varlen", ids, train, activation_checkpointing=ckpt)
+    assert torch.equal(loss, ref_loss)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=0, atol=0, msg=n)
+
+
+def test_attend_varlen_equals_key_mask_and_not_unmasked():
+    """At the kernel: real positions get the key mask's output, which attending over padding would
+    change (so the model-level checks above can fail)."""
+    torch.manual_seed(0)
+    keep = batch([16, 9, 4], T=16).ne(PAD)
+    qkv = torch.randn(3, 16, 3, 2, 8)
+    varlen = attention.attend(qkv, "varlen", attention.attention_inputs(keep, "varlen"), 0.0)
+    masked = attention.attend(qkv, "sdpa", attention.attention_inputs(keep, "sdpa"), 0.0)
+    unmasked = attention.attend(qkv, "sdpa", None, 0.0)
+    torch.testing.assert_close(varlen[keep], masked[keep])
+    assert (unmasked[keep] - masked[keep]).abs().max() > 0.1
+
+
+def test_logits_use_the_key_mask_whatever_the_training_kernel():
+    """Inference takes any attention mask (left padding too), which segments cannot express."""
+    ids = batch([16, 9], T=16).flip(1)  # left-padded
+    a = make_model(attention_kernel="sdpa").eval()
+    b = make_model(attention_kernel="varlen").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b.logits(ids), a.logits(ids), rtol=0, atol=0)
+
+
+def test_flash_call_matches_the_ops_schema_and_backward(monkeypatch):
+    """The CUDA branch (reshape, `aten._flash_attention_forward`, its autograd backward) run on meta
+    tensors: argument order, shapes and the backward formula are checked without a GPU."""
+    b, t, h, d = 3, 16, 4, 16
+    qkv = torch.empty(b, t, 3, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.empty(2 * b + 1, device="meta", dtype=torch.int32)
+    monkeypatch.setattr(attention, "use_flash", lambda q: q.device.type == "meta")
+    y = attention.attend(qkv, "varlen", offsets, 0.1)
+    assert y.shape == (b, t, h * d) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+def test_use_flash_only_for_cuda_half_precision():
+    assert not attention.use_flash(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not attention.use_flash(torch.zeros(2, 2, device="meta", dtype=torch.bfloat16))
+
+
+def test_compiles_as_one_graph_with_varlen():
+    torch._dynamo.reset()
+    model = make_model(attention_kernel="varlen").eval()
+    ids = batch([16, 11], T=16)
+    pos, lab = mlm_targets(ids, K=4)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(ids, pos, lab), model(ids, pos, lab))
+    torch._dynamo.reset()
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ConfigError, match="model.attention_kernel"):
+        model_config("tiny", vocab_size=V, attention_kernel="flash")
+
+
+def test_right_padding_guard():
+    rows = batch([16, 9, 1], T=16).numpy()
+    is_pad = check_right_padded(rows, PAD, np.array([5, 6, 7]))
+    assert is_pad.sum() == 7 + 15
+    rows[1, 3] = PAD  # the pad id inside the text of sample 6
+    with pytest.raises(ShardFormatError, match=r"sample 6 .* position 3"):
+        check_right_padded(rows, PAD, np.array([5, 6, 7]))
