@@ -17,11 +17,12 @@ Three measurements, one table printed last:
      (gather, then project) against cross-entropy over the full logits at the labelled positions,
      and both against fp32; passes within bf16 tolerance (1% relative);
   3. varlen parity: eval mode (no dropout), bf16 autocast, the padded batch: loss and every parameter
-     gradient of the "varlen" kernel against the key mask's; passes at a loss gap < 1% and gradient
-     cosine > 0.999 (on CPU both run SDPA and agree exactly);
+     gradient of the "varlen" kernel, and of the padding-free layers (`model.unpad`), against the key
+     mask's; passes at a loss gap < 1% and gradient cosine > 0.999 (on CPU, exact and near-exact);
   4. forward+backward time at micro 32 x 512, training mode, bf16 autocast, fp32 weights, eager:
-     ours with padding mask, ours with varlen segments, ours without a mask, ours with the mask forced
-     onto the cuDNN backend (on CUDA), and HF `RobertaForMaskedLM` (sdpa, full-vocabulary logits, no mask) on the same ids.
+     ours with padding mask, with varlen segments, with padding-free layers, without a mask, with the
+     mask forced onto the cuDNN backend (on CUDA), and HF `RobertaForMaskedLM` (sdpa, full-vocabulary
+     logits, no mask) on the same ids.
      Median of timed iterations, device synchronised per iteration.
 """
 
@@ -45,6 +46,7 @@ for p in (str(REPO), str(REPO / "bench")):
 import torch
 import torch.nn.functional as F
 
+from roberta_ds.attention import real_tokens
 from roberta_ds.config import ModelConfig, model_config
 from roberta_ds.model import RobertaMLM
 
@@ -91,24 +93,30 @@ def sdpa_ops_used(fn: Any) -> list[str]:
 
 
 def with_kernel(model: RobertaMLM, kernel: str) -> RobertaMLM:
-    """A copy of `model` (same weights, device, mode) whose attention runs `kernel`."""
-    other = RobertaMLM(dataclasses.replace(model.cfg, attention_kernel=kernel))
+    """A copy of `model` (same weights, device, mode) whose attention runs `kernel`: sdpa | varlen |
+    unpad (varlen with padding-free layers)."""
+    fields = {"attention_kernel": "sdpa" if kernel == "sdpa" else "varlen", "unpad": kernel == "unpad"}
+    other = RobertaMLM(dataclasses.replace(model.cfg, **fields))
     other.load_state_dict(model.state_dict())
     return other.to(next(model.parameters()).device).train(model.training)
 
 
 def check_kernels(model: RobertaMLM, batches: dict[str, tuple], device: torch.device) -> dict[str, Any]:
     model.train()
-    varlen = with_kernel(model, "varlen")
     out = {}
-    cases = (("padded batch, key mask", model, True), ("padded batch, varlen", varlen, True),
-             ("no padding, no mask", model, False))
+    cases = (
+        ("padded batch, key mask", model, True),
+        ("padded batch, varlen", with_kernel(model, "varlen"), True),
+        ("padded batch, padding-free", with_kernel(model, "unpad"), True),
+        ("no padding, no mask", model, False),
+    )
     for name, m, has_padding in cases:
         ids, pos, lab, _ = batches["padded" if has_padding else "full"]
+        index = unpad_index_of(ids, model.cfg.pad_id)
 
-        def fwd_bwd(m=m, ids=ids, pos=pos, lab=lab, has_padding=has_padding) -> None:
+        def fwd_bwd(m=m, ids=ids, pos=pos, lab=lab, has_padding=has_padding, index=index) -> None:
             with autocast(device):
-                loss = m(ids, pos, lab, has_padding=has_padding)
+                loss = m(ids, pos, lab, has_padding=has_padding, unpad_index=index)
             loss.backward()
             m.zero_grad(set_to_none=True)
 
@@ -117,20 +125,29 @@ def check_kernels(model: RobertaMLM, batches: dict[str, tuple], device: torch.de
     return out
 
 
+def unpad_index_of(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """What the loader sends with a batch for `model.unpad` (here computed on the device, with a sync)."""
+    return real_tokens(ids, pad_id).flatten().nonzero().squeeze(1)
+
+
 def check_varlen(model: RobertaMLM, batch: tuple, device: torch.device) -> dict[str, Any]:
-    """The varlen kernel's loss and gradients against the key mask's on a padded batch (no dropout)."""
+    """Loss and gradients of the varlen kernel and of the padding-free layers against the key mask's,
+    on a padded batch (eval: no dropout). rel_gap / grad_cosine: the worse of the two."""
     ids, pos, lab, _ = batch
+    index = unpad_index_of(ids, model.cfg.pad_id)
     res: dict[str, Any] = {}
-    for kernel in ("sdpa", "varlen"):
+    for kernel in ("sdpa", "varlen", "unpad"):
         m = with_kernel(model, kernel).eval()
         with autocast(device):
-            loss = m(ids, pos, lab)
+            loss = m(ids, pos, lab, unpad_index=index)
         loss.backward()
         res[kernel] = (loss.float().item(), torch.cat([q.grad.float().flatten() for q in m.parameters()]))
-    gap = abs(res["varlen"][0] - res["sdpa"][0]) / abs(res["sdpa"][0])
-    cos = F.cosine_similarity(res["varlen"][1], res["sdpa"][1], dim=0).item()
-    return {"loss_sdpa": res["sdpa"][0], "loss_varlen": res["varlen"][0], "rel_gap": gap, "grad_cosine": cos,
-            "ok": gap < BF16_RTOL and cos > 0.999}
+    ref = res["sdpa"]
+    gaps = {k: abs(res[k][0] - ref[0]) / abs(ref[0]) for k in ("varlen", "unpad")}
+    cos = {k: F.cosine_similarity(res[k][1], ref[1], dim=0).item() for k in ("varlen", "unpad")}
+    return {"loss_sdpa": ref[0], "loss_varlen": res["varlen"][0], "loss_unpad": res["unpad"][0],
+            "gaps": gaps, "cosines": cos, "rel_gap": max(gaps.values()), "grad_cosine": min(cos.values()),
+            "ok": max(gaps.values()) < BF16_RTOL and min(cos.values()) > 0.999}
 
 
 def check_head(model: RobertaMLM, batch: tuple, device: torch.device) -> dict[str, Any]:
@@ -185,6 +202,7 @@ def time_fwd_bwd(
     def ours_step(has_padding: bool, backend: Any = None, model: RobertaMLM | None = None) -> Any:
         ids, pos, lab, _ = batches["padded" if has_padding else "full"]
         m = model or ours
+        index = unpad_index_of(ids, cfg.pad_id)
 
         def step() -> None:
             ctx = contextlib.nullcontext()
@@ -193,7 +211,7 @@ def time_fwd_bwd(
 
                 ctx = sdpa_kernel([backend])
             with ctx, autocast(device):
-                loss = m(ids, pos, lab, has_padding=has_padding)
+                loss = m(ids, pos, lab, has_padding=has_padding, unpad_index=index)
             loss.backward()
             m.zero_grad(set_to_none=True)
 
@@ -202,6 +220,7 @@ def time_fwd_bwd(
     variants: list[tuple[str, Any]] = [
         ("ours, key mask (packed rows)", ours_step(True)),
         ("ours, varlen segments (packed rows)", ours_step(True, model=with_kernel(ours, "varlen"))),
+        ("ours, padding-free layers (packed rows)", ours_step(True, model=with_kernel(ours, "unpad"))),
         ("ours, no mask", ours_step(False)),
     ]
     if device.type == "cuda":
@@ -247,11 +266,11 @@ def format_report(
         lines.append(f"  {prec}: masked-only {h['masked_only']:.5f}  full {h['full_head']:.5f}")
     gaps = ", ".join(f"{k} {v:.2e}" for k, v in head["rel_gaps"].items())
     lines.append(f"  relative gaps: {gaps} -> {'PASS' if head['ok'] else 'FAILED'} (bf16 tol {BF16_RTOL:g})")
-    lines.append(
-        f"varlen vs key mask (eval, padded batch, bf16): loss {varlen['loss_varlen']:.5f} vs "
-        f"{varlen['loss_sdpa']:.5f}, gap {varlen['rel_gap']:.2e}, gradient cosine {varlen['grad_cosine']:.6f}"
-        f" -> {'PASS' if varlen['ok'] else 'FAILED'}"
-    )
+    lines.append(f"vs the key mask (eval, padded batch, bf16; key mask loss {varlen['loss_sdpa']:.5f}):")
+    for k, label in (("varlen", "varlen segments"), ("unpad", "padding-free layers")):
+        lines.append(f"  {label:<20} loss {varlen['loss_' + k]:.5f}, gap {varlen['gaps'][k]:.2e}, "
+                     f"gradient cosine {varlen['cosines'][k]:.6f}")
+    lines.append(f"  -> {'PASS' if varlen['ok'] else 'FAILED'} (gap < {BF16_RTOL:g}, cosine > 0.999)")
     lines.append("forward+backward, median:")
     lines.append(f"  {'variant':<40} {'ms':>8} {'positions/s':>12} {'vs HF':>7}")
     for r in timing:
@@ -295,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                                      indent=1))
     print(report, flush=True)
     fused = {"flash", "cudnn"}
-    sdpa = [ops for k, ops in kernels.items() if "varlen" not in k]
+    varlen_rows = ("padded batch, varlen", "padded batch, padding-free")
+    sdpa = [ops for k, ops in kernels.items() if k not in varlen_rows]
     sdpa_ok = all(fused & set(ops) and "math" not in ops for ops in sdpa)
-    fused_ok = not gpu or (sdpa_ok and "flash-varlen" in kernels["padded batch, varlen"])
+    fused_ok = not gpu or (sdpa_ok and all("flash-varlen" in kernels[k] for k in varlen_rows))
     print(f"fused flash-attention kernel in training: {'PASS' if fused_ok else 'FAILED'}", flush=True)
     return 0 if head["ok"] and varlen["ok"] and fused_ok else 1
 

@@ -10,6 +10,7 @@ optionally a torch.profiler table of one step. bench/parity.py starts its traine
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def trainer_argv(
         "tensorboard=false",
         f"compile={str(c.compile).lower()}",
         f"model.activation_checkpointing={str(c.checkpointing).lower()}",
-        *(f"model.{k}={v}" for k, v in c.overrides),
+        *(f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in c.overrides),
         *extra,
     ]
     argv = ["--ds-config", str(REPO / "ds_configs" / "zero2_bf16.json"), "--resume", "none"]

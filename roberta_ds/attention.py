@@ -15,8 +15,13 @@ and gradients (padding positions never reach the loss):
   on the host. Off CUDA, or in fp32 (which the kernel lacks), the same segments run through SDPA
   with a block mask, so CPU tests check the semantics.
 
+With `model.unpad` the layers run on the real tokens only, packed into one (1, N, H) sequence (the
+loader's `unpad_index`); the varlen kernel then takes one segment per row: offsets [0, n_0, n_0 + n_1,
+..., N] (`packed_offsets`), at most T long each.
+
 Both need right-padded rows (padding only after the last real token), which our loader guarantees
-(`roberta_ds.masking.check_right_padded`).
+(`roberta_ds.masking.check_right_padded`). Position 0 counts as real in every row (see `key_mask`), so
+a row of padding only is one token long, never empty.
 """
 
 from __future__ import annotations
@@ -40,23 +45,39 @@ def key_mask(keep: torch.Tensor) -> torch.Tensor:
     return keep[:, None, None, :]
 
 
+def real_tokens(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T) ids -> (B, T) bool, True at real tokens and at position 0 of every row (as the key mask
+    keeps it): the positions the unpadded layout holds."""
+    keep = input_ids.ne(pad_id)
+    keep[:, 0] = True
+    return keep
+
+
+def packed_offsets(keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool from `real_tokens` -> (B + 1,) int32 offsets of each row's tokens in the packed (N,)
+    layout: [0, n_0, n_0 + n_1, ..., N]."""
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    return torch.cat((lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=torch.int32)))
+
+
 def segment_offsets(keep: torch.Tensor) -> torch.Tensor:
     """(B, T) bool real-token flags of right-padded rows -> (2B + 1,) int32 cumulative segment offsets
     [0, n_0, T, T + n_1, ..., BT]: segment 2b is row b's n_b real tokens, 2b + 1 its padding (empty for
     a full row). Computed on the device without a sync."""
     b, t = keep.shape
     starts = torch.arange(b, device=keep.device, dtype=torch.int32) * t
-    ends = starts + keep.sum(dim=1, dtype=torch.int32)
+    ends = starts + keep.sum(dim=1, dtype=torch.int32).clamp(min=1)  # position 0 is real (`key_mask`)
     inner = torch.stack((starts, ends), dim=1).flatten()
     return torch.cat((inner, inner.new_full((1,), b * t)))
 
 
-def segment_mask(offsets: torch.Tensor, t: int) -> torch.Tensor:
-    """The block mask the varlen kernel implies, for SDPA: (2B + 1,) offsets -> (B, 1, T, T) bool,
-    True where query i and key j lie in the same segment (both real or both padding)."""
-    lengths = offsets[1:-1:2] - offsets[0:-1:2]  # (B,) real tokens per row
-    is_pad = torch.arange(t, device=offsets.device)[None, :] >= lengths[:, None]  # (B, T)
-    return (is_pad[:, :, None] == is_pad[:, None, :])[:, None]
+def segment_mask(offsets: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """The block mask the varlen kernel implies, for SDPA: offsets of segments laid end to end over the
+    b x t positions (none crossing a row) -> (b, 1, t, t) bool, True where query i and key j lie in
+    the same segment. Serves both layouts: padded (2B + 1 offsets, b = B) and packed (B + 1, b = 1)."""
+    flat = torch.arange(b * t, device=offsets.device, dtype=offsets.dtype)
+    seg = torch.searchsorted(offsets[1:], flat, right=True).view(b, t)  # empty segments are skipped
+    return (seg[:, :, None] == seg[:, None, :])[:, None]
 
 
 def flash_varlen(
@@ -76,15 +97,18 @@ def use_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in FLASH_DTYPES
 
 
-def attend(qkv: torch.Tensor, kernel: str, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+def attend(
+    qkv: torch.Tensor, kernel: str, mask: torch.Tensor | None, dropout_p: float, max_len: int | None = None
+) -> torch.Tensor:
     """Multi-head attention of a fused projection. qkv (B, T, 3, heads, head_dim); `mask` is what
-    `attention_inputs` built for `kernel` -> (B, T, heads * head_dim)."""
+    `attention_inputs` built for `kernel` (or `packed_offsets` with B = 1 and max_len the longest
+    segment's bound) -> (B, T, heads * head_dim)."""
     b, t, _, h, d = qkv.shape
     if kernel == "varlen" and mask is not None and use_flash(qkv):
         q, k, v = qkv.reshape(b * t, 3, h, d).unbind(1)  # each (BT, heads, head_dim), row stride 3hd
-        return flash_varlen(q, k, v, mask, t, dropout_p).reshape(b, t, h * d)
+        return flash_varlen(q, k, v, mask, max_len or t, dropout_p).reshape(b, t, h * d)
     if kernel == "varlen" and mask is not None:
-        mask = segment_mask(mask, t)
+        mask = segment_mask(mask, b, t)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(b, t, h * d)

@@ -48,6 +48,9 @@ class ModelConfig:
     """"sdpa" (SDPA with a key-padding mask) or "varlen" (FlashAttention-2 over each row's real tokens
     as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA). Same maths at
     real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
+    unpad: bool = False
+    """Run the layers on the real tokens only, packed into one sequence (no compute on padding; needs
+    attention_kernel "varlen"). The loader supplies the packed index; same loss and gradients."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "type_vocab_size"):
@@ -63,10 +66,19 @@ class ModelConfig:
             f"must exceed pad_id + 1 = {self.pad_id + 1} (positions start after the padding index)",
         )
         _require(0 <= self.pad_id < self.vocab_size, "model.pad_id", f"{self.pad_id} is outside the vocabulary")
+        for name in ("activation_checkpointing", "unpad"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"model.{name}",
+                     f"must be true or false (JSON), got {value!r}: write --set model.{name}=true")
         _require(
             self.attention_kernel in ("sdpa", "varlen"),
             "model.attention_kernel",
             f"must be 'sdpa' or 'varlen', got {self.attention_kernel!r}",
+        )
+        _require(
+            not self.unpad or self.attention_kernel == "varlen",
+            "model.unpad",
+            "needs model.attention_kernel=varlen (padding-free layers attend per row segment)",
         )
         for name in ("dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")

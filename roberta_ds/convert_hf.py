@@ -59,7 +59,9 @@ TOKENIZER_FILES = (
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 DEFAULT_ATOL = 1e-4
-_SHAPE_FREE_FIELDS = ("dropout", "attention_dropout", "activation_checkpointing", "attention_kernel")
+_SHAPE_FREE_FIELDS = (
+    "dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad",
+)
 """ModelConfig fields that do not change the weights: a differing value is not a shape mismatch."""
 
 Log = Callable[[str], None]

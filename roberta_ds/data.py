@@ -190,7 +190,8 @@ def train_loader(
     """This rank's micro-batches in order, forever: step `start_step` micro-step 0 first.
 
     Each is {input_ids (B, T), mlm_positions (B, K), mlm_labels (B, K), sample_index (B,),
-    num_tokens ()}, all int64, B = micro_batch, T = cfg.max_seq_len, K = mask_slots(cfg). Built by
+    num_tokens (), unpad_index (N,)}, all int64, B = micro_batch, T = cfg.max_seq_len,
+    K = mask_slots(cfg). Built by
     `cfg.num_workers` persistent DataLoader workers, each collating whole micro-batches; the result
     does not depend on the worker count.
     """

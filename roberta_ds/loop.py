@@ -52,15 +52,28 @@ def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
     }
 
 
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device, unpad: bool
+) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """The engine's arguments for one batch, copied without blocking: (ids, positions, labels), and the
+    loader's `unpad_index` when the model runs unpadded (`model.unpad`)."""
+    args = tuple(batch[k].to(device, non_blocking=True) for k in ("input_ids", "mlm_positions", "mlm_labels"))
+    if not unpad:
+        return args, {}
+    index = batch["unpad_index"].to(device, non_blocking=True)
+    torch._dynamo.maybe_mark_dynamic(index, 0)  # a new length every batch: one graph, not one per length
+    return args, {"unpad_index": index}
+
+
 def evaluate(rt: Runtime, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     """Validation loss (token-weighted over every rank's masked positions) and perplexity."""
     rt.engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=comm_device(rt.device))
     with torch.no_grad():
         for b in batches:
-            b = {k: v.to(rt.device, non_blocking=True) for k, v in b.items()}
-            loss = rt.engine(b["input_ids"], b["mlm_positions"], b["mlm_labels"])  # 0 when nothing is masked
-            n = (b["mlm_labels"] != -100).sum()
+            args, kwargs = model_inputs(b, rt.device, rt.cfg.model.unpad)
+            loss = rt.engine(*args, **kwargs)  # 0 when nothing is masked
+            n = (args[2] != -100).sum()
             total += torch.stack([torch.where(n > 0, loss.double() * n, 0.0), n.double()]).to(total.device)
     rt.engine.train()
     all_reduce(total)
@@ -183,12 +196,11 @@ class Trainer:
             batch = next(self.loader)
             tokens += int(batch["num_tokens"])
             samples += int(batch["input_ids"].shape[0])
-            ids, pos, lab = (batch[k].to(rt.device, non_blocking=True)
-                             for k in ("input_ids", "mlm_positions", "mlm_labels"))
+            args, kwargs = model_inputs(batch, rt.device, rt.cfg.model.unpad)
             if self.timed:
                 self.times.data += time.perf_counter() - t_data  # host time to get the batch
                 marks.append([self._now()])
-            loss = engine(ids, pos, lab)
+            loss = engine(*args, **kwargs)
             if self.faults.active and self.faults.at("loss", step) == "nan":
                 loss = loss * float("nan")
             self._backward(loss, step, last)

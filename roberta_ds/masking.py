@@ -19,7 +19,8 @@ Per row (fairseq's MaskTokensDataset, made exact and order-free):
 
 Output has static shapes for the model: `input_ids` (B, T), `mlm_positions` (B, K) positions
 within each row in increasing order, `mlm_labels` (B, K) the original ids, -100 in unused slots
-(which point at position 0). K = mask_slots(cfg) bounds every row's count.
+(which point at position 0). K = mask_slots(cfg) bounds every row's count. One field varies in
+length: `unpad_index` (N,), the flat indices of the real tokens, for `model.unpad`.
 """
 
 from __future__ import annotations
@@ -238,6 +239,14 @@ def check_right_padded(rows: np.ndarray, pad_id: int, sample_index: np.ndarray) 
     return is_pad
 
 
+def unpad_index(is_pad: np.ndarray) -> np.ndarray:
+    """(B, T) pad flags -> (N,) int64 flat indices of the positions the unpadded model runs on: real
+    tokens and position 0 of every row (`roberta_ds.attention.real_tokens`), row-major."""
+    keep = ~is_pad
+    keep[:, 0] = True
+    return np.flatnonzero(keep).astype(np.int64)
+
+
 class MaskingCollator:
     """Rows (B, T) + their stream indices -> the model's batch dict of torch tensors (see module doc)."""
 
@@ -260,4 +269,5 @@ class MaskingCollator:
             "mlm_labels": torch.from_numpy(labels),
             "sample_index": torch.from_numpy(np.ascontiguousarray(sample_index, dtype=np.int64)),
             "num_tokens": torch.tensor(int(is_pad.size - is_pad.sum()), dtype=torch.int64),
+            "unpad_index": torch.from_numpy(unpad_index(is_pad)),
         }

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from roberta_ds.attention import attend, attention_inputs
+from roberta_ds.attention import attend, attention_inputs, packed_offsets, real_tokens
 from roberta_ds.config import ModelConfig
 from roberta_ds.errors import ConfigError
 
@@ -74,10 +74,11 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids and their RoBERTa positions (default: `position_ids(input_ids)`) -> (B, T, H)."""
         # Summed in HF's order (word + type, then + position) so fp32 results match to the last bit.
         x = self.word(input_ids) + self.token_type.weight[0]  # (B, T, H)
-        x = x + self.position(position_ids(input_ids, self.pad_id))
+        x = x + self.position(position_ids(input_ids, self.pad_id) if positions is None else positions)
         return self.drop(self.norm(x))
 
 
@@ -93,13 +94,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        kernel: str | None = None,
+        max_len: int | None = None,
+    ) -> torch.Tensor:
         """x (B, T, H); `mask` as `attention.attention_inputs` built it for `kernel` (default: the
-        configured one) -> (B, T, H)."""
+        configured one), or packed offsets with max_len -> (B, T, H)."""
         B, T, H = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads)
         p = self.attention_dropout if self.training else 0.0
-        return self.proj(attend(qkv, kernel or self.kernel, mask, p))
+        return self.proj(attend(qkv, kernel or self.kernel, mask, p, max_len))
 
 
 class FeedForward(nn.Module):
@@ -123,8 +130,14 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kernel: str | None = None) -> torch.Tensor:
-        x = self.attn_norm(x + self.drop(self.attn(x, mask, kernel)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        kernel: str | None = None,
+        max_len: int | None = None,
+    ) -> torch.Tensor:
+        x = self.attn_norm(x + self.drop(self.attn(x, mask, kernel, max_len)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 
@@ -197,12 +210,30 @@ class RobertaMLM(nn.Module):
         self._check_length(input_ids)
         kernel = kernel or self.cfg.attention_kernel
         mask = attention_inputs(keep, kernel)  # built once, shared by every layer
-        x = self.embeddings(input_ids)
+        return self._layers(self.embeddings(input_ids), mask, kernel, None)
+
+    def encode_unpadded(
+        self, input_ids: torch.Tensor, unpad_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer stack on the real tokens only. input_ids (B, T) right-padded; unpad_index (N,) int64
+        flat indices of `attention.real_tokens(input_ids)` in row-major order (the loader's) ->
+        (hidden (N, H), offsets (B + 1,) int32 of each row in it). N is known on the host from the
+        index's shape, so nothing syncs; under torch.compile it is a dynamic dimension."""
+        self._check_length(input_ids)
+        offsets = packed_offsets(real_tokens(input_ids, self.cfg.pad_id))
+        ids = input_ids.flatten()[unpad_index][None]  # (1, N)
+        positions = position_ids(input_ids, self.cfg.pad_id).flatten()[unpad_index][None]
+        x = self._layers(self.embeddings(ids, positions), offsets, "varlen", input_ids.shape[1])
+        return x[0], offsets
+
+    def _layers(
+        self, x: torch.Tensor, mask: torch.Tensor | None, kernel: str, max_len: int | None
+    ) -> torch.Tensor:
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, kernel, use_reentrant=False)
+                x = checkpoint(layer, x, mask, kernel, max_len, use_reentrant=False)
             else:
-                x = layer(x, mask, kernel)
+                x = layer(x, mask, kernel, max_len)
         return x
 
     def forward(
@@ -212,6 +243,7 @@ class RobertaMLM(nn.Module):
         mlm_labels: torch.Tensor,
         *,
         has_padding: bool = True,
+        unpad_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Training loss: mean cross-entropy over the labelled entries.
 
@@ -219,11 +251,17 @@ class RobertaMLM(nn.Module):
         within each row (unused entries point at 0 with label -100); mlm_labels (B, K) int64 original
         token ids or -100. Returns a scalar; exactly 0 (zero gradients) when every label is -100.
         `has_padding=False` promises the batch holds no pad token and drops the attention mask.
+        With `model.unpad`, `unpad_index` (the loader's, see `encode_unpadded`) runs the layers on the
+        real tokens only; without it the padded layout runs, with the same result.
         """
-        keep = input_ids.ne(self.cfg.pad_id) if has_padding else None
-        hidden = self.encode(input_ids, keep)  # (B, T, H)
-        index = mlm_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, K, H)
-        picked = torch.gather(hidden, 1, index)  # (B, K, H): the only rows the head sees
+        if self.cfg.unpad and unpad_index is not None and has_padding:
+            hidden, offsets = self.encode_unpadded(input_ids, unpad_index)  # (N, H)
+            picked = hidden[offsets[:-1, None].long() + mlm_positions]  # (B, K, H); slot 0 of a row exists
+        else:
+            keep = input_ids.ne(self.cfg.pad_id) if has_padding else None
+            hidden = self.encode(input_ids, keep)  # (B, T, H)
+            index = mlm_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, K, H)
+            picked = torch.gather(hidden, 1, index)  # (B, K, H): the only rows the head sees
         logits = self.head(picked, self.embeddings.word.weight)  # (B, K, V)
         return masked_lm_loss(logits, mlm_labels)
 

@@ -25,7 +25,9 @@ from roberta_ds import checkpoint as ckpt
 from roberta_ds.errors import CheckpointError
 
 # ModelConfig fields that may change on resume (they do not change the parameters' shapes).
-RESUMABLE_MODEL_CHANGES = {"dropout", "attention_dropout", "activation_checkpointing", "attention_kernel"}
+RESUMABLE_MODEL_CHANGES = {
+    "dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad",
+}
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     release_shm_buffers(torch.distributed.get_rank())
     dist.print0(f"[roberta-ds] {dist.log_source(env)}; global batch {plan.global_batch} = micro "
                 f"{plan.micro_batch} x accumulation {plan.grad_accum} x world {plan.world_size}; "
-                f"{precision(ds)}, ZeRO-{zero_stage(ds)}")
+                f"{precision(ds)}, ZeRO-{zero_stage(ds)}; attention {cfg.model.attention_kernel}"
+                f"{', padding-free layers' if cfg.model.unpad else ''}")
     comm = ckpt.Comm()
 
     tok = load_tokenizer_info(cfg.tokenizer)

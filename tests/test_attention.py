@@ -11,7 +11,8 @@ from test_model import PAD, V, batch, make_model, mlm_targets
 from roberta_ds import attention
 from roberta_ds.config import model_config
 from roberta_ds.errors import ConfigError, ShardFormatError
-from roberta_ds.masking import check_right_padded
+from roberta_ds.loop import model_inputs
+from roberta_ds.masking import check_right_padded, unpad_index
 
 
 def test_segment_offsets_alternate_real_and_padding():
@@ -23,7 +24,7 @@ def test_segment_offsets_alternate_real_and_padding():
 
 def test_segment_mask_agrees_with_key_mask_for_real_queries():
     keep = batch([10, 16, 3], T=16).ne(PAD)
-    seg = attention.segment_mask(attention.segment_offsets(keep), 16)  # (B, 1, T, T)
+    seg = attention.segment_mask(attention.segment_offsets(keep), 3, 16)  # (B, 1, T, T)
     key = attention.key_mask(keep).expand(-1, -1, 16, -1)
     real = keep[:, None, :, None].expand_as(seg)
     assert torch.equal(seg[real], key[real])
@@ -116,3 +117,97 @@ def test_right_padding_guard():
     rows[1, 3] = PAD  # the pad id inside the text of sample 6
     with pytest.raises(ShardFormatError, match=r"sample 6 .* position 3"):
         check_right_padded(rows, PAD, np.array([5, 6, 7]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding-free layers (model.unpad): the real tokens packed into one sequence
+
+
+def padded_batch():
+    """Rows of every kind: full, partial, only <s> ... </s>, and one of padding only."""
+    ids = batch([16, 11, 2, 16, 5], T=16)
+    ids[3] = PAD
+    pos, lab = mlm_targets(ids[[0, 1, 2, 4]], K=4)
+    pos = torch.cat([pos[:3], torch.zeros(1, 4, dtype=torch.long), pos[3:]])
+    lab = torch.cat([lab[:3], torch.full((1, 4), -100), lab[3:]])
+    return ids, pos, lab, torch.from_numpy(unpad_index(ids.numpy() == PAD))
+
+
+def test_loader_index_is_the_models_real_tokens():
+    ids, _, _, index = padded_batch()
+    keep = attention.real_tokens(ids, PAD)
+    assert torch.equal(index, keep.flatten().nonzero().squeeze(1))
+    assert keep[3].sum() == 1  # the padding-only row keeps position 0, as the key mask does
+    assert attention.packed_offsets(keep).tolist() == [0, 16, 27, 29, 30, 35]
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
+def test_unpadded_gives_the_padded_loss_and_gradients(ckpt):
+    """Eval mode (dropout draws depend on the layout's shape); equal up to summation order."""
+    ids, pos, lab, index = padded_batch()
+    out = {}
+    for name, kw in (("sdpa", {}), ("unpad", {"attention_kernel": "varlen", "unpad": True})):
+        model = make_model(activation_checkpointing=ckpt, **kw).eval()
+        loss = model(ids, pos, lab, unpad_index=index)
+        loss.backward()
+        out[name] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(out["unpad"][0], out["sdpa"][0], rtol=1e-6, atol=0)
+    for n, g in out["sdpa"][1].items():
+        torch.testing.assert_close(out["unpad"][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_unpadded_path_uses_the_index():
+    """The check above can fail: a different index (here dropping a real token) changes the loss;
+    without an index the padded layout runs."""
+    ids, pos, lab, index = padded_batch()
+    model = make_model(attention_kernel="varlen", unpad=True).eval()
+    with torch.no_grad():
+        right = model(ids, pos, lab, unpad_index=index)
+        assert torch.equal(model(ids, pos, lab), make_model(attention_kernel="varlen").eval()(ids, pos, lab))
+        wrong = index.clone()
+        wrong[5] = 15 + 16  # row 1's 6th real token swapped for a padding position
+        assert not torch.allclose(model(ids, pos, lab, unpad_index=wrong), right)
+
+
+def test_unpadded_compiles_once_for_every_length():
+    """N changes every batch; marked dynamic, it is one graph (no recompile per length)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = make_model(attention_kernel="varlen", unpad=True).train()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for lengths in ([16, 11], [9, 3], [16, 16], [5, 14]):
+        ids = batch(lengths, T=16)
+        pos, lab = mlm_targets(ids, K=4)
+        index = torch.from_numpy(unpad_index(ids.numpy() == PAD))
+        torch._dynamo.maybe_mark_dynamic(index, 0)
+        loss = compiled(ids, pos, lab, unpad_index=index)
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_packed_flash_call_on_meta(monkeypatch):
+    """The packed layout's CUDA branch: one (1, N) sequence, B + 1 offsets, max_len T (meta tensors)."""
+    n, h, d = 37, 4, 16
+    qkv = torch.empty(1, n, 3, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.empty(4, device="meta", dtype=torch.int32)
+    monkeypatch.setattr(attention, "use_flash", lambda q: q.device.type == "meta")
+    y = attention.attend(qkv, "varlen", offsets, 0.1, max_len=16)
+    assert y.shape == (1, n, h * d)
+    y.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+def test_unpad_needs_varlen():
+    with pytest.raises(ConfigError, match="model.unpad"):
+        model_config("tiny", vocab_size=V, unpad=True)
+
+
+def test_loop_passes_the_index_only_when_unpadded():
+    ids, pos, lab, index = padded_batch()
+    b = {"input_ids": ids, "mlm_positions": pos, "mlm_labels": lab, "unpad_index": index}
+    args, kwargs = model_inputs(b, torch.device("cpu"), unpad=False)
+    assert len(args) == 3 and kwargs == {}
+    args, kwargs = model_inputs(b, torch.device("cpu"), unpad=True)
+    assert torch.equal(kwargs["unpad_index"], index)

@@ -12,6 +12,7 @@ from test_model import PAD, batch, mlm_targets
 
 from roberta_ds import attention
 from roberta_ds.config import model_config
+from roberta_ds.masking import unpad_index
 from roberta_ds.model import RobertaMLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -79,6 +80,7 @@ def test_flash_varlen_dropout_is_unbiased_and_replayed_in_backward():
 
 def test_compiled_model_varlen_matches_sdpa_without_recompiles():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     cfg = model_config("tiny", vocab_size=120, attention_kernel="varlen")
     torch.manual_seed(0)
     varlen = RobertaMLM(cfg).to(DEV).eval()
@@ -96,6 +98,30 @@ def test_compiled_model_varlen_matches_sdpa_without_recompiles():
         loss.backward()
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == 1, frames
+    torch._dynamo.reset()
+
+
+def test_compiled_unpadded_model_matches_sdpa_with_one_graph():
+    """Padding-free layers under inductor: N changes every batch, marked dynamic, one graph."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    unpadded = RobertaMLM(model_config("tiny", vocab_size=120, attention_kernel="varlen", unpad=True)).to(DEV)
+    ref = RobertaMLM(model_config("tiny", vocab_size=120)).to(DEV).eval()
+    ref.load_state_dict(unpadded.state_dict())
+    compiled = torch.compile(unpadded.eval())
+    for seed, lengths in enumerate(([64, 40, 17, 64], [9, 64, 33, 2], [64, 64, 64, 64])):
+        ids = batch(lengths, T=64, seed=seed)
+        pos, lab = mlm_targets(ids, K=8, seed=seed)
+        index = torch.from_numpy(unpad_index(ids.numpy() == PAD)).to(DEV)
+        torch._dynamo.maybe_mark_dynamic(index, 0)
+        ids, pos, lab = (t.to(DEV) for t in (ids, pos, lab))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(ids, pos, lab, unpad_index=index)
+            want = ref(ids, pos, lab)
+        torch.testing.assert_close(loss.float(), want.float(), rtol=2e-2, atol=2e-2)
+        loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
 
 

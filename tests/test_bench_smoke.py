@@ -65,13 +65,13 @@ def row_line(lines: list[str], case: str) -> list[str]:
 
 
 def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
-    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m64_varlen", "parity"]
+    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m64_unpad", "parity"]
     proc, rows = run_bench(tmp_path, "--in-process", "--cases", *cases)
     by = {r["case"]: r for r in rows}
     assert [r["case"] for r in rows] == cases and all(r["status"] == "ok" for r in rows), rows
     lines = table_lines(proc.stdout)
 
-    for name in ("base512_m64", "large512_m32_ckpt", "base512_m64_varlen"):
+    for name in ("base512_m64", "large512_m32_ckpt", "base512_m64_unpad"):
         r = by[name]
         assert r["impl"] == "ours" and r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
         assert math.isfinite(r["loss"]) and 0 < r["loss"] < 2 * math.log(2048)
@@ -80,6 +80,7 @@ def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
         assert 0.0 <= r["data_share"] <= r["outside_fb_share"] < 1.0
         assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
     assert by["large512_m32_ckpt"]["model"] == "tiny,L4,ckpt"
+    assert by["base512_m64_unpad"]["model"] == "tiny,varlen,unpad"
 
     # The ratio printed is ours / HF+DeepSpeed on the same model, seq and micro batch.
     ours, hf = by["base512_m64"], by["hf_base512_m64"]

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from roberta_ds.config import DataConfig
 from roberta_ds.errors import ConfigError
@@ -145,6 +146,8 @@ def test_collator_contract():
         "mlm_labels": (4, k),
         "sample_index": (4,),
         "num_tokens": (),
+        "unpad_index": (int(batch["num_tokens"]),),  # rows start with a real token: no forced position 0
     }
     assert all(str(t.dtype) == "torch.int64" for t in batch.values())
     assert int(batch["num_tokens"]) == int((rows != SPECIALS["pad"]).sum())
+    assert torch.equal(batch["unpad_index"], torch.from_numpy(np.flatnonzero(rows != SPECIALS["pad"])))

@@ -341,3 +341,36 @@ def test_indivisible_global_batch_is_refused_before_training(
     ) in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "run").exists()  # nothing written: refused before any training or checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding-free layers
+
+
+def test_unpadded_model_trains_and_validates_like_the_padded_one(
+    small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    """`model.unpad` (varlen attention, layers on real tokens only, the loader's unpad_index) against
+    the default key-mask model: fp32, dropout 0, 4 steps with validation, the same losses and weights
+    up to summation order. The batches hold padding (tokens < samples x seq), so the paths differ."""
+    def args(out: Path, extra: list[str]) -> list[str]:
+        more = ["--set", "eval_interval=2", "--set", "save_interval=2", *extra]
+        return tiny_args(small_tokenizer, small_shards, out, steps=4, global_batch=4, valid=True,
+                         extra=FP32 + NO_DROPOUT + KEEP_ALL + more)
+
+    ref = _ok(run_trainer(args(tmp_path / "ref", []), ranks=1, timeout=240))
+    unpad = _ok(run_trainer(args(tmp_path / "unpad", ["--set", "model.attention_kernel=varlen",
+                                                      "--set", "model.unpad=true"]), ranks=1, timeout=240))
+    assert "attention varlen, padding-free layers" in unpad.output and "attention sdpa\n" in ref.output
+    rm, um = ref.metrics(), unpad.metrics()
+    per_sample = [r["tokens_per_s"] / r["samples_per_s"] for r in rm if "loss" in r]
+    assert min(per_sample) < 60, f"{per_sample}: rows barely padded, the test could not tell"
+    for key in ("loss", "valid_loss"):
+        a, b = [r[key] for r in rm if key in r], [r[key] for r in um if key in r]
+        assert len(a) == len(b) == (4 if key == "loss" else 2)
+        assert b == pytest.approx(a, rel=1e-5), key
+    a, b = _weights(_tag_dir(unpad.out_dir, 4)), _weights(_tag_dir(ref.out_dir, 4))
+    assert sorted(a) == sorted(b)
+    for k, t in a.items():  # summation order differs (fewer rows): rounding, far below a step's change
+        torch.testing.assert_close(t, b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert _max_change(b, _weights(_tag_dir(ref.out_dir, 2))) > 1e-4
