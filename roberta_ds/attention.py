@@ -26,11 +26,24 @@ a row of padding only is one token long, never empty.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("sdpa", "varlen")
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention needs, built once per forward (`attention_inputs`)."""
+
+    kernel: str
+    """sdpa | varlen"""
+    mask: torch.Tensor | None
+    """sdpa: the (B, 1, 1, T) key mask; varlen: the segment offsets; None: no padding at all."""
+    max_len: int | None = None
+    """varlen: a bound on every segment's length (the packed layout's T); default the row length."""
 
 
 def key_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -97,26 +110,29 @@ def use_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in FLASH_DTYPES
 
 
-def attend(
-    qkv: torch.Tensor, kernel: str, mask: torch.Tensor | None, dropout_p: float, max_len: int | None = None
-) -> torch.Tensor:
-    """Multi-head attention of a fused projection. qkv (B, T, 3, heads, head_dim); `mask` is what
-    `attention_inputs` built for `kernel` (or `packed_offsets` with B = 1 and max_len the longest
-    segment's bound) -> (B, T, heads * head_dim)."""
+def attend(qkv: torch.Tensor, inputs: AttentionInputs, dropout_p: float) -> torch.Tensor:
+    """Multi-head attention of a fused projection: qkv (B, T, 3, heads, head_dim) -> (B, T, heads x
+    head_dim), B = 1 in the packed layout."""
     b, t, _, h, d = qkv.shape
-    if kernel == "varlen" and mask is not None and use_flash(qkv):
+    mask = inputs.mask
+    if inputs.kernel == "varlen" and mask is not None and use_flash(qkv):
         q, k, v = qkv.reshape(b * t, 3, h, d).unbind(1)  # each (BT, heads, head_dim), row stride 3hd
-        return flash_varlen(q, k, v, mask, max_len or t, dropout_p).reshape(b, t, h * d)
-    if kernel == "varlen" and mask is not None:
+        return flash_varlen(q, k, v, mask, inputs.max_len or t, dropout_p).reshape(b, t, h * d)
+    if inputs.kernel == "varlen" and mask is not None:
         mask = segment_mask(mask, b, t)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(b, t, h * d)
 
 
-def attention_inputs(keep: torch.Tensor | None, kernel: str) -> torch.Tensor | None:
-    """What every layer's attention needs, built once per forward: the key mask (sdpa), the segment
-    offsets (varlen), or None when the batch holds no padding (no mask, one segment per row)."""
+def attention_inputs(keep: torch.Tensor | None, kernel: str) -> AttentionInputs:
+    """For a (B, T) batch: the key mask (sdpa) or the segment offsets (varlen) of its real-token flags;
+    no mask when the batch holds no padding (keep None)."""
     if keep is None:
-        return None
-    return segment_offsets(keep) if kernel == "varlen" else key_mask(keep)
+        return AttentionInputs(kernel, None)
+    return AttentionInputs(kernel, segment_offsets(keep) if kernel == "varlen" else key_mask(keep))
+
+
+def packed_inputs(keep: torch.Tensor) -> AttentionInputs:
+    """For the packed (1, N) layout of a (B, T) batch's real tokens: one varlen segment per row."""
+    return AttentionInputs("varlen", packed_offsets(keep), keep.shape[1])

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from roberta_ds.attention import attend, attention_inputs, packed_offsets, real_tokens
+from roberta_ds.attention import AttentionInputs, attend, attention_inputs, packed_inputs, real_tokens
 from roberta_ds.config import ModelConfig
 from roberta_ds.errors import ConfigError
 
@@ -89,24 +89,15 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.attention_dropout = cfg.attention_dropout
-        self.kernel = cfg.attention_kernel
         # Rows [0, H) are the query projection, [H, 2H) key, [2H, 3H) value (see hf_names.py).
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        kernel: str | None = None,
-        max_len: int | None = None,
-    ) -> torch.Tensor:
-        """x (B, T, H); `mask` as `attention.attention_inputs` built it for `kernel` (default: the
-        configured one), or packed offsets with max_len -> (B, T, H)."""
+    def forward(self, x: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        """x (B, T, H), attn from `attention.attention_inputs` / `packed_inputs` -> (B, T, H)."""
         B, T, H = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, H // self.num_heads)
-        p = self.attention_dropout if self.training else 0.0
-        return self.proj(attend(qkv, kernel or self.kernel, mask, p, max_len))
+        return self.proj(attend(qkv, attn, self.attention_dropout if self.training else 0.0))
 
 
 class FeedForward(nn.Module):
@@ -130,14 +121,8 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        kernel: str | None = None,
-        max_len: int | None = None,
-    ) -> torch.Tensor:
-        x = self.attn_norm(x + self.drop(self.attn(x, mask, kernel, max_len)))
+    def forward(self, x: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        x = self.attn_norm(x + self.drop(self.attn(x, attn)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 
@@ -208,9 +193,8 @@ class RobertaMLM(nn.Module):
         None for no attention mask at all; kernel: "sdpa" | "varlen", default the configured one (varlen
         needs right-padded rows) -> (B, T, H)."""
         self._check_length(input_ids)
-        kernel = kernel or self.cfg.attention_kernel
-        mask = attention_inputs(keep, kernel)  # built once, shared by every layer
-        return self._layers(self.embeddings(input_ids), mask, kernel, None)
+        attn = attention_inputs(keep, kernel or self.cfg.attention_kernel)  # built once for every layer
+        return self._layers(self.embeddings(input_ids), attn)
 
     def encode_unpadded(
         self, input_ids: torch.Tensor, unpad_index: torch.Tensor
@@ -220,20 +204,18 @@ class RobertaMLM(nn.Module):
         (hidden (N, H), offsets (B + 1,) int32 of each row in it). N is known on the host from the
         index's shape, so nothing syncs; under torch.compile it is a dynamic dimension."""
         self._check_length(input_ids)
-        offsets = packed_offsets(real_tokens(input_ids, self.cfg.pad_id))
+        attn = packed_inputs(real_tokens(input_ids, self.cfg.pad_id))
         ids = input_ids.flatten()[unpad_index][None]  # (1, N)
         positions = position_ids(input_ids, self.cfg.pad_id).flatten()[unpad_index][None]
-        x = self._layers(self.embeddings(ids, positions), offsets, "varlen", input_ids.shape[1])
-        return x[0], offsets
+        x = self._layers(self.embeddings(ids, positions), attn)
+        return x[0], attn.mask
 
-    def _layers(
-        self, x: torch.Tensor, mask: torch.Tensor | None, kernel: str, max_len: int | None
-    ) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, kernel, max_len, use_reentrant=False)
+                x = checkpoint(layer, x, attn, use_reentrant=False)
             else:
-                x = layer(x, mask, kernel, max_len)
+                x = layer(x, attn)
         return x
 
     def forward(

@@ -61,9 +61,9 @@ def test_attend_varlen_equals_key_mask_and_not_unmasked():
     torch.manual_seed(0)
     keep = batch([16, 9, 4], T=16).ne(PAD)
     qkv = torch.randn(3, 16, 3, 2, 8)
-    varlen = attention.attend(qkv, "varlen", attention.attention_inputs(keep, "varlen"), 0.0)
-    masked = attention.attend(qkv, "sdpa", attention.attention_inputs(keep, "sdpa"), 0.0)
-    unmasked = attention.attend(qkv, "sdpa", None, 0.0)
+    varlen = attention.attend(qkv, attention.attention_inputs(keep, "varlen"), 0.0)
+    masked = attention.attend(qkv, attention.attention_inputs(keep, "sdpa"), 0.0)
+    unmasked = attention.attend(qkv, attention.attention_inputs(None, "sdpa"), 0.0)
     torch.testing.assert_close(varlen[keep], masked[keep])
     assert (unmasked[keep] - masked[keep]).abs().max() > 0.1
 
@@ -84,7 +84,7 @@ def test_flash_call_matches_the_ops_schema_and_backward(monkeypatch):
     qkv = torch.empty(b, t, 3, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
     offsets = torch.empty(2 * b + 1, device="meta", dtype=torch.int32)
     monkeypatch.setattr(attention, "use_flash", lambda q: q.device.type == "meta")
-    y = attention.attend(qkv, "varlen", offsets, 0.1)
+    y = attention.attend(qkv, attention.AttentionInputs("varlen", offsets), 0.1)
     assert y.shape == (b, t, h * d) and y.dtype == torch.bfloat16
     y.sum().backward()
     assert qkv.grad.shape == qkv.shape
@@ -93,16 +93,6 @@ def test_flash_call_matches_the_ops_schema_and_backward(monkeypatch):
 def test_use_flash_only_for_cuda_half_precision():
     assert not attention.use_flash(torch.zeros(2, 2, dtype=torch.bfloat16))
     assert not attention.use_flash(torch.zeros(2, 2, device="meta", dtype=torch.bfloat16))
-
-
-def test_compiles_as_one_graph_with_varlen():
-    torch._dynamo.reset()
-    model = make_model(attention_kernel="varlen").eval()
-    ids = batch([16, 11], T=16)
-    pos, lab = mlm_targets(ids, K=4)
-    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(ids, pos, lab), model(ids, pos, lab))
-    torch._dynamo.reset()
 
 
 def test_unknown_kernel_is_refused():
@@ -193,7 +183,7 @@ def test_packed_flash_call_on_meta(monkeypatch):
     qkv = torch.empty(1, n, 3, h, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
     offsets = torch.empty(4, device="meta", dtype=torch.int32)
     monkeypatch.setattr(attention, "use_flash", lambda q: q.device.type == "meta")
-    y = attention.attend(qkv, "varlen", offsets, 0.1, max_len=16)
+    y = attention.attend(qkv, attention.AttentionInputs("varlen", offsets, max_len=16), 0.1)
     assert y.shape == (1, n, h * d)
     y.sum().backward()
     assert qkv.grad.shape == qkv.shape

@@ -36,7 +36,7 @@ def both(qkv: torch.Tensor, keep: torch.Tensor, p: float = 0.0, seed: int = 0):
     for kernel in ("varlen", "sdpa"):
         x = qkv.detach().clone().requires_grad_()
         torch.manual_seed(seed)
-        y = attention.attend(x, kernel, attention.attention_inputs(keep, kernel), p)
+        y = attention.attend(x, attention.attention_inputs(keep, kernel), p)
         upstream = torch.ones_like(y) * keep[..., None]
         (y * upstream).sum().backward()
         out.append((y.detach(), x.grad))
@@ -63,16 +63,16 @@ def test_flash_varlen_dropout_is_unbiased_and_replayed_in_backward():
     assert err < 0.05, err
     # Replayed: with one seed, y = P_drop V is linear in V, so <g, y(V + E) - y(V)> = <dL/dV, E>.
     x = qkv.detach().clone().requires_grad_()
-    offsets = attention.attention_inputs(keep, "varlen")
+    attn = attention.attention_inputs(keep, "varlen")
     b, t, _, h, d = qkv.shape
     g = torch.randn(b, t, h * d, device=DEV, dtype=qkv.dtype) * keep[..., None]
     torch.manual_seed(5)
-    y = attention.attend(x, "varlen", offsets, 0.1)
+    y = attention.attend(x, attn, 0.1)
     (y * g).sum().backward()
     e = torch.zeros_like(qkv)
     e[:, :, 2] = torch.randn_like(qkv[:, :, 2]) * 0.1
     torch.manual_seed(5)
-    y2 = attention.attend(qkv + e, "varlen", offsets, 0.1)
+    y2 = attention.attend(qkv + e, attn, 0.1)
     lhs = (g.float() * (y2.float() - y.detach().float())).sum()
     rhs = (x.grad.float() * e.float()).sum()
     torch.testing.assert_close(lhs, rhs, rtol=2e-2, atol=1e-2)
@@ -141,7 +141,7 @@ def test_model_check_passes_on_the_gpu():
 def test_fp32_falls_back_to_sdpa_with_the_block_mask():
     qkv, keep = inputs(torch.float32)
     assert not attention.use_flash(qkv)
-    y = attention.attend(qkv, "varlen", attention.attention_inputs(keep, "varlen"), 0.0)
+    y = attention.attend(qkv, attention.attention_inputs(keep, "varlen"), 0.0)
     ref = F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0),
                                          attn_mask=attention.key_mask(keep)).transpose(1, 2).flatten(2)
     torch.testing.assert_close(y[keep], ref[keep])

@@ -178,10 +178,11 @@ def test_activation_checkpointing_gives_same_loss_and_grads():
         torch.testing.assert_close(g, results[1][1][n], msg=n)
 
 
-def test_compiles_as_one_graph():
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_compiles_as_one_graph(kernel):
     """fullgraph=True fails on any graph break: `.item()`, nonzero(), data-dependent branches."""
     torch._dynamo.reset()
-    model = make_model().eval()
+    model = make_model(attention_kernel=kernel).eval()
     ids = batch([16, 11], T=16)
     pos, lab = mlm_targets(ids, K=4)
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
