@@ -186,12 +186,13 @@ def train_loader(
     start_step: int,
     word_starts: np.ndarray | None = None,
     pin_memory: bool = False,
+    unpad: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches in order, forever: step `start_step` micro-step 0 first.
 
     Each is {input_ids (B, T), mlm_positions (B, K), mlm_labels (B, K), sample_index (B,),
-    num_tokens (), unpad_index (N,)}, all int64, B = micro_batch, T = cfg.max_seq_len,
-    K = mask_slots(cfg). Built by
+    num_tokens (), and with `unpad` unpad_index (N,)}, all int64, B = micro_batch,
+    T = cfg.max_seq_len, K = mask_slots(cfg). Built by
     `cfg.num_workers` persistent DataLoader workers, each collating whole micro-batches; the result
     does not depend on the worker count.
     """
@@ -207,7 +208,7 @@ def train_loader(
     spec = MaskSpec.make(cfg, data.vocab_size, data.special_ids, word_starts)
     dataset = MicroBatchDataset(
         data,
-        MaskingCollator(spec, cfg.seed),
+        MaskingCollator(spec, cfg.seed, unpad),
         rank=rank,
         world_size=world_size,
         micro_batch=micro_batch,
@@ -256,6 +257,7 @@ def valid_batches(
     micro_batch: int,
     max_batches: int,
     word_starts: np.ndarray | None = None,
+    unpad: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Deterministically masked validation micro-batches of this rank (seed VALID_SEED, epoch 0).
 
@@ -276,7 +278,7 @@ def valid_batches(
     manifest = _check_same_tokenizer(manifests)
     special = dict(manifest.special_ids)
     spec = MaskSpec.make(cfg, manifest.vocab_size, special, word_starts)
-    collator = MaskingCollator(spec, VALID_SEED)
+    collator = MaskingCollator(spec, VALID_SEED, unpad)
     sizes = np.cumsum([0] + [len(s.blocks) for s in sources])
     total, per_batch = int(sizes[-1]), micro_batch * world_size
     out = []

@@ -131,12 +131,12 @@ class Trainer:
             self.loader = iter(train_loader(rt.data, cfg.data, rank=env.rank, world_size=env.world_size,
                                             micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                                             start_step=rt.step, word_starts=word_starts,
-                                            pin_memory=rt.device.type == "cuda"))
+                                            pin_memory=rt.device.type == "cuda", unpad=cfg.model.unpad))
         self.valid = []
         if cfg.data.valid and cfg.eval_batches:
             self.valid = list(valid_batches(cfg.data, rank=env.rank, world_size=env.world_size,
                                             micro_batch=plan.micro_batch, max_batches=cfg.eval_batches,
-                                            word_starts=word_starts))
+                                            word_starts=word_starts, unpad=cfg.model.unpad))
         # The head runs on K mask slots per row, so the MFU formula's f is K / T.
         self.flops_token = flops_per_token(cfg.model, cfg.data.max_seq_len, mask_slots(cfg.data) / cfg.data.max_seq_len)
         name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None

@@ -136,7 +136,7 @@ def test_whole_word_masking():
 
 def test_collator_contract():
     cfg = DataConfig(max_seq_len=64)
-    collate = MaskingCollator(spec_for(cfg), seed=1)
+    collate = MaskingCollator(spec_for(cfg), seed=1, unpad=True)
     rows = random_rows(6, 4, 64)
     batch = collate(rows, np.arange(4), np.zeros(4, np.int64))
     k = mask_slots(cfg)
@@ -151,3 +151,5 @@ def test_collator_contract():
     assert all(str(t.dtype) == "torch.int64" for t in batch.values())
     assert int(batch["num_tokens"]) == int((rows != SPECIALS["pad"]).sum())
     assert torch.equal(batch["unpad_index"], torch.from_numpy(np.flatnonzero(rows != SPECIALS["pad"])))
+    plain = MaskingCollator(spec_for(cfg), seed=1)(rows, np.arange(4), np.zeros(4, np.int64))
+    assert set(batch) - set(plain) == {"unpad_index"}  # only when the model runs unpadded
