@@ -12,6 +12,8 @@ Speed choices, none of which changes the maths:
   2.11, measured by bench/model_check.py); "varlen" runs FlashAttention-2's variable-length kernel,
   with dropout, over each row's real tokens and its padding as separate segments, with no mask. Q, K
   and V come from one fused projection; `has_padding=False` drops the mask for a batch without padding;
+- `model.unpad` (with "varlen") runs the layers on the real tokens only, packed into one sequence by
+  the loader's `unpad_index` (`encode_unpadded`): no GEMM, LayerNorm or GELU work on padding;
 - the training call gathers the hidden states of the K labelled positions once, after the layer
   stack, and runs the LM head on those (B, K, H) rows only: 15% of the vocabulary projection work;
 - no data-dependent Python control flow, `.item()` or `nonzero()` in `forward`, so
