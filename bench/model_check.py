@@ -46,8 +46,8 @@ for p in (str(REPO), str(REPO / "bench")):
 import torch
 import torch.nn.functional as F
 
-from roberta_ds.attention import real_tokens
 from roberta_ds.config import ModelConfig, model_config
+from roberta_ds.masking import unpad_index
 from roberta_ds.model import RobertaMLM
 
 SDPA_OPS = {
@@ -126,8 +126,8 @@ def check_kernels(model: RobertaMLM, batches: dict[str, tuple], device: torch.de
 
 
 def unpad_index_of(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """What the loader sends with a batch for `model.unpad` (here computed on the device, with a sync)."""
-    return real_tokens(ids, pad_id).flatten().nonzero().squeeze(1)
+    """What the loader sends with a batch for `model.unpad`: its own `unpad_index`, on the host."""
+    return torch.from_numpy(unpad_index(ids.cpu().numpy() == pad_id)).to(ids.device)
 
 
 def check_varlen(model: RobertaMLM, batch: tuple, device: torch.device) -> dict[str, Any]:
