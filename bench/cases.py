@@ -120,6 +120,13 @@ def steps_for(c: Case, opts: argparse.Namespace) -> int:
     return max(opts.steps, math.ceil(opts.min_window_tokens / (c.micro * c.accum * c.seq)))
 
 
+def preset_of(c: Case) -> str:
+    """The model size a case trains (its preset and layer count), whatever its other options: one
+    profile per size (roberta-base's and roberta-large's breakdowns differ; with --smoke, tiny and tiny,L4)."""
+    layers = dict(c.overrides).get("num_layers")
+    return c.model + (f",L{layers}" if layers else "")
+
+
 def model_label(c: Case) -> str:
     """The table's model column: preset without "roberta-", overrides (num_layers -> L) and ",ckpt"."""
     short = {"num_layers": "L", "attention_dropout": "attn-drop", "attention_kernel": "", "unpad": ""}

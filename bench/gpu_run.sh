@@ -14,7 +14,8 @@
 #
 # First bench/model_check.py (CHECK_S, default 100 s; SKIP_CHECK=1 skips it), then the cases.
 # Comes back under $OUT: model_check.{log,json}, table.txt (the final table), results.json (every row), run.log,
-# logs/<case>.log (one per case process), profile_base512_m64.txt (torch.profiler, one optimizer step).
+# logs/<case>.log (one per case process), profile_<case>.txt (torch.profiler, one optimizer step of the first
+# case of each model size: base and large).
 # BUDGET_S (default 430 s) bounds the case sequence: a case is not started with < 40 s left, a case
 # still running at the end is killed (its row says timeout), and the table is printed either way.
 # On an H200 the device line and the table header say so; the baselines ran on the same card.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cases import Case, steps_for
+from cases import Case, preset_of, steps_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def run_ours(c: Case, opts: argparse.Namespace, tok: Path, train: Path) -> dict[
         timed_rate = trainer.window.take()["tokens_per_s"]
         trainer.timed = False
         syncs = count_syncs(trainer.train_step, dev)
-        if opts.profile and not opts.profiled:
+        if opts.profile and preset_of(c) not in opts.profiled:
             profile_step(trainer.train_step, dev, opts.profile / f"profile_{c.name}.txt")
         recompiles = dynamo_graphs() - graphs  # over every step after warm-up, timed ones included
         row.update(

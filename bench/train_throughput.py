@@ -52,7 +52,7 @@ for p in (str(REPO), str(REPO / "bench")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from cases import BY_NAME, Case, model_label, resolve, steps_for
+from cases import BY_NAME, Case, model_label, preset_of, resolve, steps_for
 from ours_case import run_ours
 from parity import run_parity
 from synthetic_data import prepare_data
@@ -139,7 +139,7 @@ def child_command(c: Case, opts: argparse.Namespace, result: Path) -> list[str]:
         cmd.append("--smoke")
     if opts.compile is not None:
         cmd.append("--compile" if opts.compile else "--no-compile")
-    if opts.profile and not opts.profiled:
+    if opts.profile and preset_of(c) not in opts.profiled:
         cmd += ["--profile", str(opts.profile)]
     return cmd
 
@@ -192,7 +192,7 @@ def run_all(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]
                     "error": f"rc {rc}; see {log}: " + " | ".join(tail)[-400:],
                 }
         if c.impl == "ours" and row.get("status") == "ok":
-            opts.profiled = True
+            opts.profiled.add(preset_of(c))
         rows.append(row)
         rate = fmt_rate(row.get("tokens_per_s")) + " tokens/s" if "tokens_per_s" in row else row.get("status")
         print(
@@ -244,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         type=Path,
         default=None,
-        help="torch.profiler table of one step of the first `ours` case, into this directory",
+        help="torch.profiler table of one step of the first `ours` case of each preset, into this directory",
     )
     p.add_argument("--warmup", type=int, default=None, help="optimizer steps before timing (GPU 2, smoke 1)")
     p.add_argument("--windows", type=int, default=None, help="timed windows (GPU 3, smoke 2)")
@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.peak_tflops is None and not a.smoke:
         a.peak_tflops = 989.0
     a.logs = a.logs or a.work / "logs"
-    a.profiled = False
+    a.profiled = set()
     unknown = [n for n in a.cases or [] if n not in BY_NAME]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(BY_NAME)}")

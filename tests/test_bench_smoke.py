@@ -66,8 +66,15 @@ def row_line(lines: list[str], case: str) -> list[str]:
 
 def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
     cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m64_unpad", "parity"]
-    proc, rows = run_bench(tmp_path, "--in-process", "--cases", *cases)
+    prof = tmp_path / "prof"
+    proc, rows = run_bench(tmp_path, "--in-process", "--profile", str(prof), "--cases", *cases)
     by = {r["case"]: r for r in rows}
+    # One profile per model size: the first `ours` case of base and of large, not the unpadded base.
+    assert sorted(p.name for p in prof.iterdir()) == [
+        "profile_base512_m64.txt",
+        "profile_large512_m32_ckpt.txt",
+    ]
+    assert "Self CPU" in (prof / "profile_large512_m32_ckpt.txt").read_text()
     assert [r["case"] for r in rows] == cases and all(r["status"] == "ok" for r in rows), rows
     lines = table_lines(proc.stdout)
 
@@ -196,7 +203,7 @@ def test_format_table_ratios_goals_and_failures() -> None:
 
 def test_budget_spent_skips_without_starting(tmp_path: Path) -> None:
     opts = argparse.Namespace(
-        budget_s=1.0, logs=tmp_path / "logs", in_process=False, profile=None, profiled=False
+        budget_s=1.0, logs=tmp_path / "logs", in_process=False, profile=None, profiled=set()
     )
     rows = tt.run_all([tt.BY_NAME["base512_m64"], tt.BY_NAME["hf_base512_m64"]], opts)
     assert [r["status"] for r in rows] == ["skipped", "skipped"]
