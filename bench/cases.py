@@ -120,9 +120,20 @@ def steps_for(c: Case, opts: argparse.Namespace) -> int:
     return max(opts.steps, math.ceil(opts.min_window_tokens / (c.micro * c.accum * c.seq)))
 
 
+def options_of(c: Case) -> frozenset:
+    """The model options a case adds to its preset (attention kernel, unpad, dropout), not its size."""
+    return frozenset(o for o in c.overrides if o[0] != "num_layers")
+
+
+def blocked_by(c: Case, broken: list[Case]) -> Case | None:
+    """A case that already failed with every model option `c` uses, if any: `c` would fail the same way
+    (an option broken on this card or torch), so the budget goes to the other cases instead."""
+    return next((b for b in broken if options_of(b) and options_of(b) <= options_of(c)), None)
+
+
 def preset_of(c: Case) -> str:
     """The model size a case trains (its preset and layer count), whatever its other options: one
-    profile per size (roberta-base's and roberta-large's breakdowns differ; with --smoke, tiny and tiny,L4)."""
+    profile per size (base's and large's breakdowns differ; with --smoke, "tiny" and "tiny,L4")."""
     layers = dict(c.overrides).get("num_layers")
     return c.model + (f",L{layers}" if layers else "")
 

@@ -52,7 +52,7 @@ for p in (str(REPO), str(REPO / "bench")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from cases import BY_NAME, Case, model_label, preset_of, resolve, steps_for
+from cases import BY_NAME, Case, blocked_by, model_label, preset_of, resolve, steps_for
 from ours_case import run_ours
 from parity import run_parity
 from synthetic_data import prepare_data
@@ -146,6 +146,7 @@ def child_command(c: Case, opts: argparse.Namespace, result: Path) -> list[str]:
 
 def run_all(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    broken: list[Case] = []  # failed for a reason other than memory: their model options are suspect
     t_start = time.perf_counter()
     opts.logs.mkdir(parents=True, exist_ok=True)
     for c in cases:
@@ -155,6 +156,12 @@ def run_all(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]
                 {"case": c.name, "status": "skipped", "error": f"budget ({opts.budget_s:.0f} s) spent"}
             )
             print(f"[bench] {c.name}: skipped (budget)", flush=True)
+            continue
+        b = blocked_by(c, broken)
+        if b is not None:
+            why = f"{b.name} failed with the same model options {sorted(dict(b.overrides))}"
+            rows.append({"case": c.name, "status": "skipped", "error": why})
+            print(f"[bench] {c.name}: skipped ({why})", flush=True)
             continue
         t0 = time.perf_counter()
         if opts.in_process:
@@ -193,6 +200,8 @@ def run_all(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]
                 }
         if c.impl == "ours" and row.get("status") == "ok":
             opts.profiled.add(preset_of(c))
+        if row.get("status") == "failed" and "out of memory" not in row.get("error", "").lower():
+            broken.append(c)
         rows.append(row)
         rate = fmt_rate(row.get("tokens_per_s")) + " tokens/s" if "tokens_per_s" in row else row.get("status")
         print(

@@ -210,6 +210,33 @@ def test_budget_spent_skips_without_starting(tmp_path: Path) -> None:
     assert not list((tmp_path / "logs").iterdir())
 
 
+def test_a_broken_model_option_skips_its_later_cases(tmp_path: Path, monkeypatch) -> None:
+    """A case failing (not for memory) skips the later cases that use all of its model options; the
+    others still run, and an out-of-memory failure blocks nothing."""
+    ran: list[str] = []
+
+    def fake_run_case(c, opts):
+        ran.append(c.name)
+        if c.name == "base512_m64_varlen":
+            raise RuntimeError("flash varlen: no kernel image")
+        if c.name == "large512_m32_z1_unpad":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"case": c.name, "status": "ok"}
+
+    monkeypatch.setattr(tt, "run_case", fake_run_case)
+    monkeypatch.setattr(tt, "_release", lambda: None)
+    names = ["large512_m32_z1_unpad", "base512_m64_unpad", "base512_m64_varlen", "base512_m128_z1_varlen",
+             "base512_m64_unpad", "base512_m64_attn_nodrop", "base512_m64"]
+    opts = argparse.Namespace(
+        budget_s=0, logs=tmp_path / "logs", in_process=True, profile=None, profiled=set()
+    )
+    rows = tt.run_all([tt.BY_NAME[n] for n in names], opts)
+    assert ran == ["large512_m32_z1_unpad", "base512_m64_unpad", "base512_m64_varlen",
+                   "base512_m64_attn_nodrop", "base512_m64"]
+    assert [r["status"] for r in rows] == ["failed", "ok", "failed", "skipped", "skipped", "ok", "ok"]
+    assert "base512_m64_varlen failed" in rows[3]["error"] and "attention_kernel" in rows[3]["error"]
+
+
 def test_smoke_cases_fit_the_tiny_model() -> None:
     from roberta_ds.config import PRESETS
 
