@@ -18,6 +18,8 @@
 # case of each model size: base and large).
 # BUDGET_S (default 430 s) bounds the case sequence: a case is not started with < 40 s left, a case
 # still running at the end is killed (its row says timeout), and the table is printed either way.
+# A case that fails other than for memory skips the later cases using all of its model options (a
+# varlen kernel broken on this card costs one case, not six).
 # On an H200 the device line and the table header say so; the baselines ran on the same card.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
