@@ -1,10 +1,11 @@
 """An `ours` case of bench/train_throughput.py: the real training path, built in-process and timed.
 
 `start_trainer` builds the run exactly as `roberta-ds train` does (`train.setup()` from the repo's
-ds_configs/zero2_bf16.json resized to the case, then `loop.Trainer`), for one rank; `run_ours` times
-it: warm-up steps (compilation included), windows synchronised at their edges only, one pass with
-`Trainer(timed=True)` for the phase shares, the CUDA synchronisations of one step, recompiles, and
-optionally a torch.profiler table of one step. bench/parity.py starts its trainer the same way.
+ds_configs/zero{1,2,3}_bf16.json of the case's ZeRO stage, resized to the case, then `loop.Trainer`),
+for one rank; `run_ours` times it: warm-up steps (compilation included), windows synchronised at
+their edges only, one pass with `Trainer(timed=True)` for the phase shares, the CUDA
+synchronisations of one step, recompiles, and optionally a torch.profiler table of one step.
+bench/parity.py starts its trainer the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def trainer_argv(
     c: Case, tok: Path, train: Path, out: Path, workers: int, extra: list[str] = ()
 ) -> list[str]:
-    """`roberta-ds train` arguments for case `c` (the repo's zero2_bf16.json, resized)."""
+    """`roberta-ds train` arguments for case `c` (the repo's shipped config of its ZeRO stage, resized)."""
     ds = [
         f"train_batch_size={c.micro * c.accum}",
         f"train_micro_batch_size_per_gpu={c.micro}",
@@ -47,7 +48,7 @@ def trainer_argv(
         *(f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in c.overrides),
         *extra,
     ]
-    argv = ["--ds-config", str(REPO / "ds_configs" / "zero2_bf16.json"), "--resume", "none"]
+    argv = ["--ds-config", str(REPO / "ds_configs" / f"zero{c.zero}_bf16.json"), "--resume", "none"]
     for s in ds:
         argv += ["--ds-set", s]
     for s in sets:
@@ -68,6 +69,18 @@ def start_trainer(c: Case, tok: Path, train: Path, out: Path, workers: int, extr
     stop = StopFlag()
     rt = setup(parse_args(trainer_argv(c, tok, train, out, workers, extra)), stop)
     return rt, Trainer(rt, stop, Faults(""), timed=False)
+
+
+def grad_accum_path(optimizer: Any) -> str | None:
+    """How DeepSpeed's bf16 ZeRO-0/1 optimizer accumulates fp32 gradients (None for other optimizers):
+    kernels per parameter tensor and micro-batch (roberta_ds/ds_grad_accum.py)."""
+    if type(optimizer).__name__ != "BF16_Optimizer":
+        return None
+    fused = "_update_hp_grad" in vars(optimizer)
+    hooked = bool(getattr(optimizer, "immediate_grad_update", False))
+    kernels = (1 if fused else 2) + (0 if hooked else 1)
+    how = ("fused" if fused else "cast+add") + (", hooks" if hooked else "")
+    return f"fp32 accumulation {kernels} kernel(s)/tensor ({how})"
 
 
 def close_trainer(trainer: Any) -> None:
@@ -161,6 +174,7 @@ def run_ours(c: Case, opts: argparse.Namespace, tok: Path, train: Path) -> dict[
                 "precision": "ds-" + c.precision,
                 "zero": c.zero,
                 "ds_sets": list(c.ds_sets),
+                "grad_accum": grad_accum_path(rt.engine.optimizer),
                 "flops_per_token": trainer.flops_token,
                 "mfu": mfu(row["tokens_per_s"], trainer.flops_token, 1, opts.peak_tflops),
                 "peak_gib": peak_memory_gib(dev),

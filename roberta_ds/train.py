@@ -33,6 +33,7 @@ from roberta_ds import checkpoint as ckpt
 from roberta_ds import dist
 from roberta_ds.config import TrainConfig, config_to_dict, load_train_config
 from roberta_ds.ds_config import batch_plan, load_ds_config, precision, zero_stage
+from roberta_ds.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.errors import ConfigError, UserError
 from roberta_ds.faults import Faults
 from roberta_ds.loop import EXIT_TOO_MANY_SKIPS, REQUEUE_EXIT_CODE, Trainer  # noqa: F401 - exit codes re-exported
@@ -180,6 +181,9 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     # GuardedAdamW is torch's AdamW plus a skip; DeepSpeed's ZeRO whitelist checks the exact class.
     ds = {**ds, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    accum = fuse_grad_accumulation(engine.optimizer)
+    if accum.startswith("kept"):
+        dist.print0(f"[roberta-ds] fp32 gradient accumulation: DeepSpeed's own cast+add ({accum})")
     if (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()) != (plan.micro_batch, plan.grad_accum):
         raise ConfigError(f"DeepSpeed derived micro {engine.train_micro_batch_size_per_gpu()} x accumulation "
                           f"{engine.gradient_accumulation_steps()}, expected {plan.micro_batch} x {plan.grad_accum}")

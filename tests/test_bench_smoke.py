@@ -65,11 +65,11 @@ def row_line(lines: list[str], case: str) -> list[str]:
 
 
 def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
-    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m64_unpad", "parity"]
+    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m128_z1_unpad", "parity"]
     prof = tmp_path / "prof"
     proc, rows = run_bench(tmp_path, "--in-process", "--profile", str(prof), "--cases", *cases)
     by = {r["case"]: r for r in rows}
-    # One profile per model size: the first `ours` case of base and of large, not the unpadded base.
+    # One profile per model size: the first `ours` case of base and of large, not the second base case.
     assert sorted(p.name for p in prof.iterdir()) == [
         "profile_base512_m64.txt",
         "profile_large512_m32_ckpt.txt",
@@ -78,7 +78,7 @@ def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
     assert [r["case"] for r in rows] == cases and all(r["status"] == "ok" for r in rows), rows
     lines = table_lines(proc.stdout)
 
-    for name in ("base512_m64", "large512_m32_ckpt", "base512_m64_unpad"):
+    for name in ("base512_m64", "large512_m32_ckpt", "base512_m128_z1_unpad"):
         r = by[name]
         assert r["impl"] == "ours" and r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
         assert math.isfinite(r["loss"]) and 0 < r["loss"] < 2 * math.log(2048)
@@ -87,7 +87,12 @@ def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
         assert 0.0 <= r["data_share"] <= r["outside_fb_share"] < 1.0
         assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
     assert by["large512_m32_ckpt"]["model"] == "tiny,L4,ckpt"
-    assert by["base512_m64_unpad"]["model"] == "tiny,varlen,unpad"
+    assert by["base512_m128_z1_unpad"]["model"] == "tiny,varlen,unpad"
+    # A ZeRO-1 case runs the shipped zero1_bf16.json: hooked, fused fp32 gradient accumulation.
+    z1 = by["base512_m128_z1_unpad"]
+    assert z1["zero"] == 1 and z1["grad_accum"] == "fp32 accumulation 1 kernel(s)/tensor (fused, hooks)"
+    assert by["base512_m64"]["grad_accum"] is None  # ZeRO-2: DeepSpeed's own optimizer, untouched
+    assert "ZeRO-1 fp32 accumulation 1 kernel(s)/tensor" in proc.stdout
 
     # The ratio printed is ours / HF+DeepSpeed on the same model, seq and micro batch.
     ours, hf = by["base512_m64"], by["hf_base512_m64"]
