@@ -88,6 +88,13 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     # Bigger micro-batches, fewer host-bound micro steps per token (m128 was +10.8% over m64).
     Case("base512_m256_z1_unpad", "ours", B, 512, 256, zero=1, overrides=UNPAD, goal=600e3),
     Case("large512_m64_z1_unpad", "ours", L, 512, 64, zero=1, overrides=UNPAD, goal=220e3),
+    # The same without bf16.immediate_grad_update: bf16 gradients zeroed and accumulated into at every
+    # micro-batch (two kernels per tensor instead of one; roberta_ds/ds_grad_accum.py).
+    Case("large512_m64_z1_nohook", "ours", L, 512, 64, zero=1, overrides=UNPAD, goal=220e3,
+         ds_sets=("bf16.immediate_grad_update=false",)),
+    # Between m128 (560.8K) and m256 (481.2K, one LayerNorm-backward kernel 6x slower per element).
+    Case("base512_m192_z1_unpad", "ours", B, 512, 192, zero=1, overrides=UNPAD, goal=600e3),
+    Case("large512_m128_z1_unpad", "ours", L, 512, 128, zero=1, overrides=UNPAD, goal=220e3),
 )
 BY_NAME = {c.name: c for c in CASES}
 
