@@ -49,5 +49,11 @@ SMOKE=""; for a in "$@"; do [ "$a" = "--smoke" ] && SMOKE=--smoke; done
 python3 bench/train_throughput.py --budget-s "${BUDGET_S:-430}" --work /tmp/roberta-ds-bench \
   --logs "$OUT/logs" --json "$OUT/results.json" --profile "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
+# KERNELS=1: the Triton sources inductor generated (to read a slow kernel's config offline). Off by
+# default: $OUT brings back 8 files at most, and this one would take the slot of a profile or the table.
+if [ -n "${KERNELS:-}" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
+  (cd "$TORCHINDUCTOR_CACHE_DIR" && find . -name '*.py' -print0 | tar czf "$OUT/kernels.tgz" --null -T -)
+  [ "$(stat -c %s "$OUT/kernels.tgz")" -lt 16000000 ] || { echo "kernels.tgz over 16 MB: dropped"; rm -f "$OUT/kernels.tgz"; }
+fi
 sed -n '/^== roberta-ds training throughput/,$p' "$OUT/run.log" > "$OUT/table.txt"
 exit "$rc"
