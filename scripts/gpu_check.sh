@@ -12,6 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 log=${OUT:-/tmp}/gpu_check.log
-tests=(tests/test_train_cuda.py tests/test_attention_cuda.py)
+# The attention tests first: they decide whether varlen/unpad can become the GPU default.
+tests=(tests/test_attention_cuda.py tests/test_train_cuda.py)
 timeout "${CHECK_S:-400}" python3 -m pytest -v -rs -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$log"
 exit "${PIPESTATUS[0]}"
