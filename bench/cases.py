@@ -95,6 +95,9 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     # Between m128 (560.8K) and m256 (481.2K, one LayerNorm-backward kernel 6x slower per element).
     Case("base512_m192_z1_unpad", "ours", B, 512, 192, zero=1, overrides=UNPAD, goal=600e3),
     Case("large512_m128_z1_unpad", "ours", L, 512, 128, zero=1, overrides=UNPAD, goal=220e3),
+    # The fastest setting (varlen attention, padding-free layers, ZeRO-1's hooked accumulation) against
+    # the plain eager fp32 model with the key mask.
+    Case("parity_z1_unpad", "parity", B, 512, 8, accum=2, zero=1, overrides=(("num_layers", 4), *UNPAD)),
 )
 BY_NAME = {c.name: c for c in CASES}
 

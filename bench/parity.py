@@ -38,7 +38,9 @@ def compare_losses(ours: list[float], ref: list[float], rtol: float = PARITY_RTO
 
 def reference_run(rt: Any, steps: int) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
     """Eager fp32 RobertaMLM, same init (seed) and batches, torch AdamW with our schedule, groups and
-    clipping, loss / accum per micro-batch (as DeepSpeed scales it). Returns (losses, init, final)."""
+    clipping, loss / accum per micro-batch (as DeepSpeed scales it). Returns (losses, init, final).
+    The reference always attends with the plain key mask over padded rows, whatever attention kernel
+    and layout the case's model uses (so `varlen` + `unpad` are checked against it too)."""
     import torch
 
     from roberta_ds.data import train_loader
@@ -48,7 +50,8 @@ def reference_run(rt: Any, steps: int) -> tuple[list[float], dict[str, Any], dic
     cfg, plan, dev = rt.cfg, rt.plan, rt.device
     state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)  # as train.setup does right before building the model
-    model = RobertaMLM(cfg.model).to(dev).train()
+    plain = dataclasses.replace(cfg.model, attention_kernel="sdpa", unpad=False)
+    model = RobertaMLM(plain).to(dev).train()
     torch.random.set_rng_state(state)
     init = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.AdamW(

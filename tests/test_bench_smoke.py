@@ -65,7 +65,8 @@ def row_line(lines: list[str], case: str) -> list[str]:
 
 
 def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
-    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m128_z1_unpad", "parity"]
+    cases = ["base512_m64", "hf_base512_m64", "large512_m32_ckpt", "base512_m128_z1_unpad", "parity",
+             "parity_z1_unpad"]
     prof = tmp_path / "prof"
     proc, rows = run_bench(tmp_path, "--in-process", "--profile", str(prof), "--cases", *cases)
     by = {r["case"]: r for r in rows}
@@ -114,7 +115,11 @@ def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
     assert p["max_rel_gap"] <= p["rtol"] == parity.PARITY_RTOL
     assert p["loss_drop"] / p["ref_losses"][0] > 2 * p["rtol"]
     assert p["update_cosine"] >= parity.PARITY_MIN_COSINE
-    assert any(ln.startswith("parity") and " OK: " in ln for ln in lines)
+    assert any(ln.startswith("parity ") and " OK: " in ln for ln in lines)
+    # The fastest setting (varlen, padding-free layers, ZeRO-1) against the plain eager fp32 model.
+    u = by["parity_z1_unpad"]
+    assert u["ok"] and u["zero"] == 1 and u["max_rel_gap"] <= parity.PARITY_RTOL, u
+    assert u["update_cosine"] >= parity.PARITY_MIN_COSINE and u["ours_losses"] != p["ours_losses"]
 
 
 def test_smoke_case_in_child_process(tmp_path: Path) -> None:
