@@ -46,6 +46,7 @@ def trainer_argv(
         f"compile={str(c.compile).lower()}",
         f"model.activation_checkpointing={str(c.checkpointing).lower()}",
         *(f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in c.overrides),
+        *c.sets,
         *extra,
     ]
     argv = ["--ds-config", str(REPO / "ds_configs" / f"zero{c.zero}_bf16.json"), "--resume", "none"]
@@ -174,6 +175,7 @@ def run_ours(c: Case, opts: argparse.Namespace, tok: Path, train: Path) -> dict[
                 "precision": "ds-" + c.precision,
                 "zero": c.zero,
                 "ds_sets": list(c.ds_sets),
+                "sets": list(c.sets),
                 "grad_accum": grad_accum_path(rt.engine.optimizer),
                 "flops_per_token": trainer.flops_token,
                 "mfu": mfu(row["tokens_per_s"], trainer.flops_token, 1, opts.peak_tflops),

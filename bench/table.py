@@ -92,7 +92,7 @@ def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
         if r.get("status") == "ok" and r.get("impl") == "ours" and "timed_tokens_per_s" in r:
             syncs = "-" if r.get("syncs_per_step") is None else str(r["syncs_per_step"])
             accum = f"{r['grad_accum']}; " if r.get("grad_accum") else ""
-            sets = "".join(f"{s} " for s in r.get("ds_sets", []))
+            sets = "".join(f"{s} " for s in [*r.get("ds_sets", []), *r.get("sets", [])])
             how = f"{r['precision']} ZeRO-{r['zero']} {accum}{sets}" + (
                 f"compiled ({r['graphs']} graph(s))" if r["compile"] else "eager"
             )

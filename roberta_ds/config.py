@@ -251,6 +251,9 @@ class TrainConfig:
     """Start from weights made by `roberta-ds import-hf` (continued pretraining)."""
     compile: bool = False
     """torch.compile the model before DeepSpeed wraps it."""
+    compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Inductor options for that compile (`torch.compile(options=...)`), e.g.
+    `--set compile_options.coordinate_descent_tuning=true`; names are checked when the model compiles."""
     peak_tflops: float | None = None
     """Per-device peak for MFU; default from the device name (bf16 dense datasheet figures)."""
     tensorboard: bool = True
@@ -265,6 +268,9 @@ class TrainConfig:
         _require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(isinstance(self.compile_options, dict), "compile_options",
+                 f"must be a mapping of inductor option to value, got {self.compile_options!r}")
+        _require(not self.compile_options or self.compile, "compile_options", "needs compile: true")
 
     @property
     def last_step(self) -> int:

@@ -173,7 +173,11 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         if missing or unexpected:
             raise ConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {unexpected}")
     if cfg.compile:
-        model = torch.compile(model)  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
+        try:  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
+            model = torch.compile(model, options=cfg.compile_options or None)
+        except RuntimeError as e:  # torch names the unknown option, then lists all 300 known ones
+            raise ConfigError(f"compile_options: {str(e).split(', known options')[0]}; the names are "
+                              "torch._inductor.config's") from None
     fused = cfg.optim.fused if cfg.optim.fused is not None else True
     optimizer = GuardedAdamW(param_groups(model, cfg.optim.weight_decay), lr=lr_at(0, cfg.optim),
                              betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused,

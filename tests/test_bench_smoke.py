@@ -255,6 +255,21 @@ def test_smoke_cases_fit_the_tiny_model() -> None:
         assert s.model == "tiny" and s.seq <= PRESETS["tiny"].max_seq_len and s.micro >= 1 and not s.compile
 
 
+def test_compile_options_go_with_compilation_only() -> None:
+    """A case's inductor options reach the trainer when it compiles; an eager run (which would refuse
+    them) drops them."""
+    from ours_case import trainer_argv
+
+    c = cases.BY_NAME["base512_m128_z1_cdt"]
+    assert c.sets == cases.CDT and c.compile
+    eager = cases.resolve(c, argparse.Namespace(smoke=True, compile=None))
+    compiled = cases.resolve(c, argparse.Namespace(smoke=True, compile=True))
+    assert eager.sets == () and compiled.sets == cases.CDT
+    argv = trainer_argv(compiled, Path("tok"), Path("train"), Path("out"), 0)
+    assert argv[argv.index(cases.CDT[0]) - 1] == "--set"
+    assert str(REPO / "ds_configs" / "zero1_bf16.json") in argv  # the shipped config of its stage
+
+
 def test_host_ops_smoke(tmp_path: Path) -> None:
     """bench/host_ops.py: each stage through the real trainer in its own process; exact op counts."""
     out = tmp_path / "rows.json"

@@ -343,6 +343,18 @@ def test_indivisible_global_batch_is_refused_before_training(
     assert not (tmp_path / "run").exists()  # nothing written: refused before any training or checkpoint
 
 
+def test_unknown_compile_option_is_refused_naming_it(
+    small_tokenizer: Path, small_shards: Path, tmp_path: Path
+) -> None:
+    extra = ["--set", "compile=true", "--set", "compile_options.coordinate_descent_tunning=true"]
+    args = tiny_args(small_tokenizer, small_shards, tmp_path / "run", steps=2, extra=extra)
+    res = run_trainer(args, ranks=1, timeout=240)
+    assert res.returncode == 1, res.output[-4000:]
+    assert ("compile_options: Unexpected optimization option coordinate_descent_tunning; the names are "
+            "torch._inductor.config's") in res.output
+    assert "known options are" not in res.output and "Traceback" not in res.output
+
+
 # ----------------------------------------------------------------------------------------------
 # Padding-free layers
 

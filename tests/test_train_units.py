@@ -86,6 +86,8 @@ def test_presets_shapes() -> None:
         ({"optim": {"momentum": 0.9}}, "optim"),
         ({"data": {"max_seq_len": 600}}, "data.max_seq_len"),
         ({"save_interval": 0}, "save_interval"),
+        ({"compile_options": {"coordinate_descent_tuning": True}}, "compile_options"),  # without compile
+        ({"compile": True, "compile_options": ["coordinate_descent_tuning"]}, "compile_options"),
     ],
 )
 def test_bad_config_names_the_field(raw: dict[str, Any], field: str) -> None:
