@@ -53,7 +53,8 @@ rc=${PIPESTATUS[0]}
 # default: $OUT brings back 8 files at most, and this one would take the slot of a profile or the table.
 if [ -n "${KERNELS:-}" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
   (cd "$TORCHINDUCTOR_CACHE_DIR" && find . -name '*.py' -print0 | tar czf "$OUT/kernels.tgz" --null -T -)
-  [ "$(stat -c %s "$OUT/kernels.tgz")" -lt 16000000 ] || { echo "kernels.tgz over 16 MB: dropped"; rm -f "$OUT/kernels.tgz"; }
+  [ "$(stat -c %s "$OUT/kernels.tgz")" -lt 16000000 ] \
+    || { echo "kernels.tgz over 16 MB: dropped"; rm -f "$OUT/kernels.tgz"; }
 fi
 sed -n '/^== roberta-ds training throughput/,$p' "$OUT/run.log" > "$OUT/table.txt"
 exit "$rc"
