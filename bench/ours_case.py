@@ -77,7 +77,9 @@ def grad_accum_path(optimizer: Any) -> str | None:
     kernels per parameter tensor and micro-batch (roberta_ds/ds_grad_accum.py)."""
     if type(optimizer).__name__ != "BF16_Optimizer":
         return None
-    fused = "_update_hp_grad" in vars(optimizer)
+    from roberta_ds.ds_grad_accum import is_fused
+
+    fused = is_fused(optimizer)
     hooked = bool(getattr(optimizer, "immediate_grad_update", False))
     kernels = (1 if fused else 2) + (0 if hooked else 1)
     how = ("fused" if fused else "cast+add") + (", hooks" if hooked else "")

@@ -93,6 +93,12 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
+WEIGHT_FREE_FIELDS = frozenset(
+    {"dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad"}
+)
+"""ModelConfig fields that change how the model runs, not its parameters: they may differ on resume,
+and between an export and its checkpoint, without a shape mismatch."""
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(hidden_size=64, num_layers=2, num_heads=2, ffn_size=256, max_positions=130),
     "roberta-base": ModelConfig(),

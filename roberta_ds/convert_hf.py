@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from roberta_ds.checkpoint import verify_files
-from roberta_ds.config import PRESETS, ModelConfig, parse_value
+from roberta_ds.config import PRESETS, WEIGHT_FREE_FIELDS, ModelConfig, parse_value
 from roberta_ds.ds_checkpoint import inspect_layout, load_weights, read_meta, resolve_tag_dir
 from roberta_ds.errors import CheckpointError, ConfigError, UserError
 from roberta_ds.hf_names import (
@@ -59,10 +59,6 @@ TOKENIZER_FILES = (
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 DEFAULT_ATOL = 1e-4
-_SHAPE_FREE_FIELDS = (
-    "dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad",
-)
-"""ModelConfig fields that do not change the weights: a differing value is not a shape mismatch."""
 
 Log = Callable[[str], None]
 
@@ -127,7 +123,7 @@ def _config_for_checkpoint(tag_dir: Path, meta: dict[str, Any] | None, spec: str
     if spec is not None:
         given = resolve_model_config(spec, ())
         differ = [f.name for f in dataclasses.fields(ModelConfig)
-                  if f.name not in _SHAPE_FREE_FIELDS and getattr(given, f.name) != getattr(cfg, f.name)]
+                  if f.name not in WEIGHT_FREE_FIELDS and getattr(given, f.name) != getattr(cfg, f.name)]
         if differ:
             raise ConfigError(
                 f"--model-config {spec}: differs from the checkpoint's own config ({meta_path}) in {differ}; "

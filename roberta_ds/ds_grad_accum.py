@@ -64,6 +64,11 @@ def _update_hp_grad(
         lp.grad.zero_()
 
 
+def is_fused(optimizer: Any) -> bool:
+    """Whether `fuse_grad_accumulation` bound the one-kernel accumulation to this optimizer."""
+    return "_update_hp_grad" in vars(optimizer)
+
+
 def fuse_grad_accumulation(optimizer: Any) -> str:
     """Bind the one-kernel accumulation to DeepSpeed's bf16 ZeRO-0/1 optimizer. Returns "fused",
     "n/a" (another optimizer: its own path) or "kept: <why>" (DeepSpeed's code differs)."""

@@ -22,12 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from roberta_ds import checkpoint as ckpt
+from roberta_ds.config import WEIGHT_FREE_FIELDS
 from roberta_ds.errors import CheckpointError
-
-# ModelConfig fields that may change on resume (they do not change the parameters' shapes).
-RESUMABLE_MODEL_CHANGES = {
-    "dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad",
-}
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ def check_compatible(meta: dict[str, Any], *, model: dict[str, Any], tokenizer_s
             "tokenizer and shards, or start a new run (--resume none, another output_dir)"
         )
     diff = {k: (meta["model"].get(k), v) for k, v in model.items()
-            if k not in RESUMABLE_MODEL_CHANGES and meta["model"].get(k) != v}
+            if k not in WEIGHT_FREE_FIELDS and meta["model"].get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"{where}: belongs to another model shape ({detail})")
