@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cases import Case, preset_of, steps_for
+from cases import Case, model_fields, preset_of, steps_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def trainer_argv(
         "tensorboard=false",
         f"compile={str(c.compile).lower()}",
         f"model.activation_checkpointing={str(c.checkpointing).lower()}",
-        *(f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in c.overrides),
+        *(f"model.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in model_fields(c).items()),
         *c.sets,
         *extra,
     ]

@@ -44,13 +44,16 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (memory for ~30% more compute)."""
-    attention_kernel: str = "sdpa"
-    """"sdpa" (SDPA with a key-padding mask) or "varlen" (FlashAttention-2 over each row's real tokens
-    as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA). Same maths at
-    real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
-    unpad: bool = False
+    attention_kernel: str = "auto"
+    """"sdpa" (SDPA with a key-padding mask), "varlen" (FlashAttention-2 over each row's real tokens
+    as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA), or "auto":
+    varlen where that kernel runs (a CUDA device in bf16/fp16), else sdpa (`resolve_auto`). Same maths
+    at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
+    unpad: bool | str = "auto"
     """Run the layers on the real tokens only, packed into one sequence (no compute on padding; needs
-    attention_kernel "varlen"). The loader supplies the packed index; same loss and gradients."""
+    attention_kernel "varlen"). The loader supplies the packed index; same loss and gradients. "auto":
+    on exactly where the varlen kernel runs; off elsewhere, where the packed sequence's attention would
+    take an N x N block mask (N = every real token of the micro-batch)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "type_vocab_size"):
@@ -66,17 +69,18 @@ class ModelConfig:
             f"must exceed pad_id + 1 = {self.pad_id + 1} (positions start after the padding index)",
         )
         _require(0 <= self.pad_id < self.vocab_size, "model.pad_id", f"{self.pad_id} is outside the vocabulary")
-        for name in ("activation_checkpointing", "unpad"):
-            value = getattr(self, name)
-            _require(isinstance(value, bool), f"model.{name}",
-                     f"must be true or false (JSON), got {value!r}: write --set model.{name}=true")
+        _require(isinstance(self.activation_checkpointing, bool), "model.activation_checkpointing",
+                 f"must be true or false (JSON), got {self.activation_checkpointing!r}: "
+                 "write --set model.activation_checkpointing=true")
+        _require(isinstance(self.unpad, bool) or self.unpad == "auto", "model.unpad",
+                 f"must be true, false or \"auto\", got {self.unpad!r}: write --set model.unpad=true")
         _require(
-            self.attention_kernel in ("sdpa", "varlen"),
+            self.attention_kernel in ATTENTION_KERNELS,
             "model.attention_kernel",
-            f"must be 'sdpa' or 'varlen', got {self.attention_kernel!r}",
+            f"must be one of {', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}",
         )
         _require(
-            not self.unpad or self.attention_kernel == "varlen",
+            self.unpad is not True or self.attention_kernel == "varlen",
             "model.unpad",
             "needs model.attention_kernel=varlen (padding-free layers attend per row segment)",
         )
@@ -91,6 +95,19 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+ATTENTION_KERNELS = ("auto", "sdpa", "varlen")
+
+
+def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
+    """`model` with "auto" attention_kernel and unpad decided: varlen and padding-free layers when
+    `flash` (the model runs on a CUDA device in bf16 or fp16, where FlashAttention-2's varlen kernel
+    runs: `attention.flash_capable`), else sdpa with the key mask and padded layers. The trainer
+    resolves before it builds the model and the loader, which must agree on `unpad`."""
+    kernel = model.attention_kernel if model.attention_kernel != "auto" else ("varlen" if flash else "sdpa")
+    unpad = model.unpad if model.unpad != "auto" else (kernel == "varlen" and flash)
+    return dataclasses.replace(model, attention_kernel=kernel, unpad=unpad)
 
 
 WEIGHT_FREE_FIELDS = frozenset(
@@ -259,7 +276,9 @@ class TrainConfig:
     """torch.compile the model before DeepSpeed wraps it."""
     compile_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Inductor options for that compile (`torch.compile(options=...)`), e.g.
-    `--set compile_options.coordinate_descent_tuning=true`; names are checked when the model compiles."""
+    `--set compile_options.coordinate_descent_tuning=true` or, for a section of torch._inductor.config,
+    `--set compile_options.triton.mix_order_reduction_split_size=32` (`inductor_options` flattens it);
+    names are checked when the model compiles."""
     peak_tflops: float | None = None
     """Per-device peak for MFU; default from the device name (bf16 dense datasheet figures)."""
     tensorboard: bool = True
@@ -289,6 +308,18 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def inductor_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """compile_options as torch.compile takes them: nested sections (what `--set a.b.c=v` builds) become
+    dotted names, {"triton": {"cudagraphs": False}} -> {"triton.cudagraphs": False}."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(inductor_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

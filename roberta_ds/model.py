@@ -14,6 +14,8 @@ Speed choices, none of which changes the maths:
   and V come from one fused projection; `has_padding=False` drops the mask for a batch without padding;
 - `model.unpad` (with "varlen") runs the layers on the real tokens only, packed into one sequence by
   the loader's `unpad_index` (`encode_unpadded`): no GEMM, LayerNorm or GELU work on padding;
+- both default to "auto": varlen and padding-free layers where the varlen kernel runs (CUDA, bf16 or
+  fp16 weights or autocast), sdpa and padded layers elsewhere (`config.resolve_auto`);
 - the training call gathers the hidden states of the K labelled positions once, after the layer
   stack, and runs the LM head on those (B, K, H) rows only: 15% of the vocabulary projection work;
 - no data-dependent Python control flow, `.item()` or `nonzero()` in `forward`, so
@@ -36,8 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from roberta_ds.attention import AttentionInputs, attend, attention_inputs, packed_inputs, real_tokens
-from roberta_ds.config import ModelConfig
+from roberta_ds.attention import (
+    AttentionInputs,
+    attend,
+    attention_inputs,
+    flash_capable,
+    packed_inputs,
+    real_tokens,
+)
+from roberta_ds.config import ModelConfig, resolve_auto
 from roberta_ds.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -155,6 +164,9 @@ class RobertaMLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # "auto" kernels decided per call from where the model runs (static under torch.compile);
+        # the trainer passes them decided already (the loader must know `unpad` too).
+        self._auto = {flash: resolve_auto(cfg, flash) for flash in (False, True)}
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.head = LMHead(cfg)
@@ -195,7 +207,8 @@ class RobertaMLM(nn.Module):
         None for no attention mask at all; kernel: "sdpa" | "varlen", default the configured one (varlen
         needs right-padded rows) -> (B, T, H)."""
         self._check_length(input_ids)
-        attn = attention_inputs(keep, kernel or self.cfg.attention_kernel)  # built once for every layer
+        kernel = kernel or self._decided(input_ids).attention_kernel
+        attn = attention_inputs(keep, kernel)  # built once for every layer
         return self._layers(self.embeddings(input_ids), attn)
 
     def encode_unpadded(
@@ -211,6 +224,10 @@ class RobertaMLM(nn.Module):
         positions = position_ids(input_ids, self.cfg.pad_id).flatten()[unpad_index][None]
         x = self._layers(self.embeddings(ids, positions), attn)
         return x[0], attn.mask
+
+    def _decided(self, input_ids: torch.Tensor) -> ModelConfig:
+        """The config with "auto" attention_kernel / unpad decided for where these inputs run."""
+        return self._auto[flash_capable(input_ids.device, self.embeddings.word.weight.dtype)]
 
     def _layers(self, x: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         for layer in self.layers:
@@ -238,7 +255,7 @@ class RobertaMLM(nn.Module):
         With `model.unpad`, `unpad_index` (the loader's, see `encode_unpadded`) runs the layers on the
         real tokens only; without it the padded layout runs, with the same result.
         """
-        if self.cfg.unpad and unpad_index is not None and has_padding:
+        if self._decided(input_ids).unpad and unpad_index is not None and has_padding:
             hidden, offsets = self.encode_unpadded(input_ids, unpad_index)  # (N, H)
             picked = hidden[offsets[:-1, None].long() + mlm_positions]  # (B, K, H); slot 0 of a row exists
         else:

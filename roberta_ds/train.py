@@ -16,6 +16,7 @@ Only this module and checkpoint/resume import DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -31,7 +32,13 @@ import torch
 
 from roberta_ds import checkpoint as ckpt
 from roberta_ds import dist
-from roberta_ds.config import TrainConfig, config_to_dict, load_train_config
+from roberta_ds.config import (
+    TrainConfig,
+    config_to_dict,
+    inductor_options,
+    load_train_config,
+    resolve_auto,
+)
 from roberta_ds.ds_config import batch_plan, load_ds_config, precision, zero_stage
 from roberta_ds.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.errors import ConfigError, UserError
@@ -128,6 +135,9 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    # "auto" attention kernel and padding-free layers: on where FlashAttention-2's varlen kernel runs
+    # (a GPU in bf16, fp16 or a 16-bit autocast), decided once so the model and the loader agree.
+    cfg = dataclasses.replace(cfg, model=resolve_auto(cfg.model, cuda and precision(ds) != "fp32"))
     set_default_collective_timeout(timedelta(seconds=cfg.collective_timeout_s))  # DeepSpeed's own groups too
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.collective_timeout_s))
@@ -174,7 +184,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
             raise ConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {unexpected}")
     if cfg.compile:
         try:  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
-            model = torch.compile(model, options=cfg.compile_options or None)
+            model = torch.compile(model, options=inductor_options(cfg.compile_options) or None)
         except RuntimeError as e:  # torch names the unknown option, then lists all 300 known ones
             raise ConfigError(f"compile_options: {str(e).split(', known options')[0]}; the names are "
                               "torch._inductor.config's") from None

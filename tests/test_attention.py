@@ -3,13 +3,16 @@ FlashAttention-2 call checked against the op's schema on meta tensors, and the r
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from test_model import PAD, V, batch, make_model, mlm_targets
 
 from roberta_ds import attention
-from roberta_ds.config import model_config
+from roberta_ds import model as model_module
+from roberta_ds.config import model_config, resolve_auto
 from roberta_ds.errors import ConfigError, ShardFormatError
 from roberta_ds.loop import model_inputs
 from roberta_ds.masking import check_right_padded, unpad_index
@@ -136,7 +139,8 @@ def test_unpadded_gives_the_padded_loss_and_gradients(ckpt):
     """Eval mode (dropout draws depend on the layout's shape); equal up to summation order."""
     ids, pos, lab, index = padded_batch()
     out = {}
-    for name, kw in (("sdpa", {}), ("unpad", {"attention_kernel": "varlen", "unpad": True})):
+    kernels = {"sdpa": {"attention_kernel": "sdpa"}, "unpad": {"attention_kernel": "varlen", "unpad": True}}
+    for name, kw in kernels.items():
         model = make_model(activation_checkpointing=ckpt, **kw).eval()
         loss = model(ids, pos, lab, unpad_index=index)
         loss.backward()
@@ -192,6 +196,65 @@ def test_packed_flash_call_on_meta(monkeypatch):
 def test_unpad_needs_varlen():
     with pytest.raises(ConfigError, match="model.unpad"):
         model_config("tiny", vocab_size=V, unpad=True)
+    with pytest.raises(ConfigError, match="model.unpad"):  # "auto" does not stand in for varlen
+        model_config("tiny", vocab_size=V, attention_kernel="auto", unpad=True)
+    with pytest.raises(ConfigError, match=r"model.unpad: must be true, false or \"auto\", got 'yes'"):
+        model_config("tiny", vocab_size=V, attention_kernel="varlen", unpad="yes")
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto" (the default): varlen + padding-free layers where the varlen kernel runs, sdpa elsewhere
+
+
+@pytest.mark.parametrize(("kernel", "unpad", "flash", "want"), [
+    ("auto", "auto", True, ("varlen", True)),
+    ("auto", "auto", False, ("sdpa", False)),
+    ("auto", False, True, ("varlen", False)),
+    ("sdpa", "auto", True, ("sdpa", False)),
+    ("varlen", "auto", False, ("varlen", False)),  # CPU/fp32 varlen: SDPA segments, never an N x N mask
+    ("varlen", True, False, ("varlen", True)),  # asked for: kept
+])
+def test_resolve_auto(kernel, unpad, flash, want):
+    cfg = model_config("tiny", vocab_size=V, attention_kernel=kernel, unpad=unpad)
+    got = resolve_auto(cfg, flash)
+    assert (got.attention_kernel, got.unpad) == want
+    assert dataclasses.replace(got, attention_kernel=kernel, unpad=unpad) == cfg  # nothing else changed
+
+
+def test_defaults_are_auto():
+    cfg = model_config("roberta-base")
+    assert (cfg.attention_kernel, cfg.unpad) == ("auto", "auto")
+
+
+def test_flash_capable_needs_cuda_and_16_bit():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert attention.flash_capable(cuda, torch.bfloat16) and attention.flash_capable(cuda, torch.float16)
+    assert not attention.flash_capable(cuda, torch.float32)  # no autocast active here
+    assert not attention.flash_capable(cpu, torch.bfloat16)
+
+
+def test_auto_model_runs_sdpa_on_cpu_and_ignores_the_index(monkeypatch):
+    """On the CPU an "auto" model takes the key mask over padded rows even when handed an unpad_index
+    (the packed layout there would attend through an N x N block mask); the same model told it runs
+    where flash does takes the padding-free path."""
+    ids, pos, lab, index = padded_batch()
+    model = make_model().eval()
+    with torch.no_grad():
+        ref = make_model(attention_kernel="sdpa").eval()(ids, pos, lab)
+    seen = []
+    real = attention.attention_inputs
+    monkeypatch.setattr(model_module, "attention_inputs",
+                        lambda keep, kernel: seen.append(kernel) or real(keep, kernel))
+    with torch.no_grad():
+        assert torch.equal(model(ids, pos, lab, unpad_index=index), ref)
+    assert seen == ["sdpa"]
+    monkeypatch.setattr(model_module, "flash_capable", lambda device, dtype: True)
+    packed = []
+    monkeypatch.setattr(model_module, "packed_inputs",
+                        lambda keep: packed.append(1) or attention.packed_inputs(keep))
+    with torch.no_grad():
+        model(ids, pos, lab, unpad_index=index)  # CPU: the varlen branch runs SDPA over the segments
+    assert packed == [1]
 
 
 def test_loop_passes_the_index_only_when_unpadded():

@@ -84,7 +84,7 @@ def test_compiled_model_varlen_matches_sdpa_without_recompiles():
     cfg = model_config("tiny", vocab_size=120, attention_kernel="varlen")
     torch.manual_seed(0)
     varlen = RobertaMLM(cfg).to(DEV).eval()
-    ref = RobertaMLM(model_config("tiny", vocab_size=120)).to(DEV).eval()
+    ref = RobertaMLM(model_config("tiny", vocab_size=120, attention_kernel="sdpa")).to(DEV).eval()
     ref.load_state_dict(varlen.state_dict())
     compiled = torch.compile(varlen, fullgraph=True, dynamic=False)
     for seed in range(3):  # new lengths every call, same shapes: one graph
@@ -107,7 +107,7 @@ def test_compiled_unpadded_model_matches_sdpa_with_one_graph():
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
     unpadded = RobertaMLM(model_config("tiny", vocab_size=120, attention_kernel="varlen", unpad=True)).to(DEV)
-    ref = RobertaMLM(model_config("tiny", vocab_size=120)).to(DEV).eval()
+    ref = RobertaMLM(model_config("tiny", vocab_size=120, attention_kernel="sdpa")).to(DEV).eval()
     ref.load_state_dict(unpadded.state_dict())
     compiled = torch.compile(unpadded.eval())
     for seed, lengths in enumerate(([64, 40, 17, 64], [9, 64, 33, 2], [64, 64, 64, 64])):

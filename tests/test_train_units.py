@@ -31,7 +31,9 @@ from roberta_ds import checkpoint as ckpt
 from roberta_ds.config import (
     OPTIM_PRESETS,
     OptimConfig,
+    apply_overrides,
     config_to_dict,
+    inductor_options,
     model_config,
     train_config_from_dict,
 )
@@ -93,6 +95,19 @@ def test_presets_shapes() -> None:
 def test_bad_config_names_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}"):
         train_config_from_dict(raw)
+
+
+def test_compile_options_sections_become_dotted_names() -> None:
+    """`--set compile_options.triton.x=v` nests a section; torch.compile wants "triton.x" (a nested
+    dict is refused as an unknown option "triton")."""
+    raw = apply_overrides({}, ["compile_options.coordinate_descent_tuning=true",
+                               "compile_options.triton.mix_order_reduction_split_size=32"])
+    assert raw["compile_options"] == {"coordinate_descent_tuning": True,
+                                      "triton": {"mix_order_reduction_split_size": 32}}
+    flat = inductor_options(raw["compile_options"])
+    assert flat == {"coordinate_descent_tuning": True, "triton.mix_order_reduction_split_size": 32}
+    torch.compile(torch.nn.Linear(2, 2), options=flat)  # every name known to this torch's inductor
+    assert inductor_options({}) == {}
 
 
 def test_train_command_requires_tokenizer_and_data() -> None:
