@@ -116,6 +116,16 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m192_z1_split32", "ours", B, 512, 192, zero=1, overrides=UNPAD, goal=600e3, sets=SPLIT32),
     Case("base512_m256_z1_split32", "ours", B, 512, 256, zero=1, overrides=UNPAD, goal=600e3, sets=SPLIT32),
     Case("base512_m192_z1_cdt", "ours", B, 512, 192, zero=1, overrides=UNPAD, goal=600e3, sets=CDT),
+    # Hidden-state dropout masks from an integer hash instead of Philox (model.dropout_rng=hash,
+    # roberta_ds/hash_dropout.py): the fused add + dropout + LayerNorm kernel ran at half of HBM
+    # bandwidth. The nodrop case (diagnostic, not the recipe) bounds what any dropout RNG can gain.
+    Case("base512_m128_z1_hash", "ours", B, 512, 128, zero=1, overrides=(*UNPAD, ("dropout_rng", "hash")),
+         goal=600e3),
+    Case("base512_m128_z1_nodrop", "ours", B, 512, 128, zero=1, overrides=(*UNPAD, ("dropout", 0.0))),
+    Case("base512_m256_z1_s32_hash", "ours", B, 512, 256, zero=1,
+         overrides=(*UNPAD, ("dropout_rng", "hash")), goal=600e3, sets=SPLIT32),
+    Case("large512_m64_z1_hash", "ours", L, 512, 64, zero=1, overrides=(*UNPAD, ("dropout_rng", "hash")),
+         goal=220e3),
 )
 BY_NAME = {c.name: c for c in CASES}
 
@@ -176,6 +186,7 @@ def preset_of(c: Case) -> str:
 
 def model_label(c: Case) -> str:
     """The table's model column: preset without "roberta-", overrides (num_layers -> L) and ",ckpt"."""
-    short = {"num_layers": "L", "attention_dropout": "attn-drop", "attention_kernel": "", "unpad": ""}
+    short = {"num_layers": "L", "attention_dropout": "attn-drop", "attention_kernel": "", "unpad": "",
+             "dropout_rng": "drop-"}
     extra = "".join(f",{short.get(k, k)}{'unpad' if k == 'unpad' else v}" for k, v in c.overrides)
     return c.model.replace("roberta-", "") + extra + (",ckpt" if c.checkpointing else "")

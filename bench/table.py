@@ -51,7 +51,7 @@ def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
         return max(hs) if hs else None
 
     head = (
-        f"{'case':<24}{'impl':<12}{'model':<18}{'seq':>5}{'micro':>6}{'acc':>4}{'tokens/s':>10}{'seq/s':>9}"
+        f"{'case':<26}{'impl':<12}{'model':<28}{'seq':>5}{'micro':>6}{'acc':>4}{'tokens/s':>10}{'seq/s':>9}"
         f"{'MFU':>7}{'peak GiB':>9}{'out f/b':>8}{'recomp':>7}{'xHF-DS':>8}{'xHFbest':>8}  goal"
     )
     lines = [head, "-" * len(head)]
@@ -70,7 +70,7 @@ def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
             )
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
         lines.append(
-            f"{r['case']:<24}{r['impl']:<12}{r['model']:<18}{r['seq']:>5}{r['micro']:>6}{r['accum']:>4}"
+            f"{r['case']:<26}{r['impl']:<12}{r['model']:<28}{r['seq']:>5}{r['micro']:>6}{r['accum']:>4}"
             f"{fmt_rate(r['tokens_per_s']):>10}{r['samples_per_s']:>9,.0f}{fmt_pct(r.get('mfu')):>7}{peak:>9}"
             f"{fmt_pct(r.get('outside_fb_share')):>8}{r.get('recompiles', 0):>7}{x_same:>8}{x_best:>8}  {goal}"
         )
@@ -97,7 +97,7 @@ def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
                 f"compiled ({r['graphs']} graph(s))" if r["compile"] else "eager"
             )
             lines.append(
-                f"{r['case']:<24}{how}; fill {fmt_pct(r['fill'])}; loss {r['loss']:.3f}; "
+                f"{r['case']:<26}{how}; fill {fmt_pct(r['fill'])}; loss {r['loss']:.3f}; "
                 f"first step {r['first_step_s']:.0f} s; data {fmt_pct(r['data_share'])} + optimizer "
                 f"{fmt_pct(r['optimizer_share'])} of a step (timed pass "
                 f"{fmt_rate(r['timed_tokens_per_s'])}/s); "
@@ -106,11 +106,11 @@ def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
             )
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['case']:<24}{r.get('status', '?').upper()}: {r.get('error', '')[:300]}")
+            lines.append(f"{r['case']:<26}{r.get('status', '?').upper()}: {r.get('error', '')[:300]}")
         elif r.get("impl") == "parity":
             gaps = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["ours_losses"], r["ref_losses"]))
             lines.append(
-                f"{r['case']:<24}{'OK' if r['ok'] else 'FAILED'}: ours/fp32 loss per step {gaps}; max gap "
+                f"{r['case']:<26}{'OK' if r['ok'] else 'FAILED'}: ours/fp32 loss per step {gaps}; max gap "
                 f"{100 * r['max_rel_gap']:.2f}% (tol {100 * r['rtol']:g}%), update cosine "
                 f"{r['update_cosine']:.4f} (min {r['min_cosine']}), recompiles {r['recompiles']}"
             )

@@ -49,6 +49,10 @@ class ModelConfig:
     as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA), or "auto":
     varlen where that kernel runs (a CUDA device in bf16/fp16), else sdpa (`resolve_auto`). Same maths
     at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
+    dropout_rng: str = "torch"
+    """Where `dropout`'s masks come from in compiled training: "torch" (nn.Dropout; Philox per element
+    under torch.compile) or "hash" (a keyed integer hash of the element index, a fraction of Philox's
+    arithmetic: roberta_ds/hash_dropout.py). Eager runs use nn.Dropout either way."""
     unpad: bool | str = "auto"
     """Run the layers on the real tokens only, packed into one sequence (no compute on padding; needs
     attention_kernel "varlen"). The loader supplies the packed index; same loss and gradients. "auto":
@@ -74,6 +78,8 @@ class ModelConfig:
                  "write --set model.activation_checkpointing=true")
         _require(isinstance(self.unpad, bool) or self.unpad == "auto", "model.unpad",
                  f"must be true, false or \"auto\", got {self.unpad!r}: write --set model.unpad=true")
+        _require(self.dropout_rng in ("torch", "hash"), "model.dropout_rng",
+                 f"must be 'torch' or 'hash', got {self.dropout_rng!r}")
         _require(
             self.attention_kernel in ATTENTION_KERNELS,
             "model.attention_kernel",
@@ -111,7 +117,7 @@ def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
 
 
 WEIGHT_FREE_FIELDS = frozenset(
-    {"dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad"}
+    {"dropout", "attention_dropout", "activation_checkpointing", "attention_kernel", "unpad", "dropout_rng"}
 )
 """ModelConfig fields that change how the model runs, not its parameters: they may differ on resume,
 and between an export and its checkpoint, without a shape mismatch."""

@@ -48,6 +48,7 @@ from roberta_ds.attention import (
 )
 from roberta_ds.config import ModelConfig, resolve_auto
 from roberta_ds.errors import ConfigError
+from roberta_ds.hash_dropout import HashDropout
 
 IGNORE_INDEX = -100
 """Label of an entry that takes no part in the loss (HF's and torch's convention)."""
@@ -73,6 +74,11 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
+def make_dropout(cfg: ModelConfig) -> nn.Module:
+    """The hidden-state dropout `cfg.dropout_rng` asks for (no parameters either way)."""
+    return HashDropout(cfg.dropout) if cfg.dropout_rng == "hash" else nn.Dropout(cfg.dropout)
+
+
 class Embeddings(nn.Module):
     """Word + token-type (type 0) + learned position embedding, then LayerNorm and dropout."""
 
@@ -83,7 +89,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size, padding_idx=cfg.pad_id)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and their RoBERTa positions (default: `position_ids(input_ids)`) -> (B, T, H)."""
@@ -130,7 +136,7 @@ class Layer(nn.Module):
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, x: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         x = self.attn_norm(x + self.drop(self.attn(x, attn)))
