@@ -48,8 +48,7 @@ def test_mix32_is_a_bijection_on_a_sample():
 def test_threshold_compares_unsigned():
     """keep <=> hash >= round(p * 2^32) read unsigned, computed here in Python for every element."""
     shape, key, p = torch.Size([64, 48]), torch.tensor(99, dtype=torch.int32), 0.3
-    u = lambda v: v % 2**32  # noqa: E731 - int32 -> unsigned
-    k1, k2 = u(mix32(key).item()), u(mix32(key ^ -0x61C88647).item())
+    k1, k2 = (mix32(k).item() % 2**32 for k in (key, key ^ -0x61C88647))  # int32 -> unsigned
     want = [mix32_reference(mix32_reference(i ^ k1) ^ k2) >= round(p * 2**32) for i in range(shape.numel())]
     assert keep_mask(shape, key, p).flatten().tolist() == want
     assert keep_mask(shape, key, 0.0).all()
