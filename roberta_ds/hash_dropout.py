@@ -22,7 +22,8 @@ unbiasedness, pairwise independence between neighbours, calls and keys.
 The arithmetic is int32 (on a GPU int64 costs two to four instructions per operation): products wrap
 modulo 2^32 as the hash wants (two's complement on CPU and in Triton), right shifts are made logical
 by masking, and the unsigned comparison with the threshold flips the sign bit of both sides. The
-element index must stay below 2^31 per call, checked from the static shape.
+element index must stay below 2^31 per call (checked when the shape is static; a dynamic token count
+reaches that at 2.8M tokens x 768).
 """
 
 from __future__ import annotations
