@@ -231,8 +231,9 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train; returns 0, REQUEUE_EXIT_CODE or EXIT_TOO_MANY_SKIPS. Failures end this process at once.
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Train, then exit the process with 0, REQUEUE_EXIT_CODE or EXIT_TOO_MANY_SKIPS (`_exit_after_run`).
+    Failures end this process at once.
 
     Exit paths when something fails (every rank prints one line saying what happened to it):
     - a collective timed out or broke (a peer hung, died or failed): EXIT_COLLECTIVE_FAILURE (4),
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         _fatal(rank, f"fatal error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", 1,
                with_traceback=True)
     _teardown()
-    return code
+    _exit_after_run(code)
 
 
 def _ignore_workers() -> None:
@@ -300,6 +301,20 @@ def _fatal(rank: int | str, message: str, code: int, with_traceback: bool = Fals
 def _teardown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _exit_after_run(code: int) -> NoReturn:
+    """Leave a finished run: Python's exit handlers (ours stop loader workers; logging flushes), then
+    exit without finalizing the interpreter. Its C++ static destructors are where a 2-rank CPU run
+    once aborted with "terminate called without an active exception" after it had trained, committed
+    its checkpoint and written everything (the launcher then exits 250: a finished job reported as
+    failed); nothing of ours is left to run at that point."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

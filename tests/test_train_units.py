@@ -110,6 +110,28 @@ def test_compile_options_sections_become_dotted_names() -> None:
     assert inductor_options({}) == {}
 
 
+def test_a_finished_run_exits_after_the_exit_handlers_without_finalizing() -> None:
+    """`train._exit_after_run`: atexit handlers run (ours stop loader workers), the exit code is kept,
+    and nothing is finalized after them (where gloo's threads once aborted a finished run)."""
+    import subprocess
+
+    script = (
+        "import atexit\n"
+        "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        print('finalized', flush=True)\n"
+        "keep = Finalized()\n"
+        "from roberta_ds.train import _exit_after_run\n"
+        "print('done', flush=True)\n"
+        "_exit_after_run(3)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stdout.split() == ["done", "exit", "handler", "ran"], res.stdout
+
+
 def test_train_command_requires_tokenizer_and_data() -> None:
     from roberta_ds.train import parse_args, resolve_config
 
