@@ -67,6 +67,17 @@ def mpi4py_comms() -> tuple[Comm, Comm]:
     return world, local
 
 
+def finalize() -> None:
+    """MPI_Finalize, if this process initialised MPI (imported mpi4py) and has not finalised it. mpi4py
+    does it at interpreter finalization, which a finished run skips (`train._exit_after_run`); without
+    it mpirun reports the rank as "exiting improperly" and fails the job."""
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -304,14 +304,17 @@ def _teardown() -> None:
 
 
 def _exit_after_run(code: int) -> NoReturn:
-    """Leave a finished run: Python's exit handlers (ours stop loader workers; logging flushes), then
-    exit without finalizing the interpreter. Its C++ static destructors are where a 2-rank CPU run
-    once aborted with "terminate called without an active exception" after it had trained, committed
-    its checkpoint and written everything (the launcher then exits 250: a finished job reported as
-    failed); nothing of ours is left to run at that point."""
+    """Leave a finished run: Python's exit handlers (ours stop loader workers; logging flushes) and
+    MPI_Finalize when MPI started us, then exit without finalizing the interpreter. Its C++ static
+    destructors are where a 2-rank CPU run once aborted with "terminate called without an active
+    exception" after it had trained, committed its checkpoint and written everything (the launcher
+    then exits 250: a finished job reported as failed); nothing of ours is left to run there."""
     import atexit
 
+    from roberta_ds.dist_mpi import finalize as finalize_mpi
+
     atexit._run_exitfuncs()
+    finalize_mpi()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
