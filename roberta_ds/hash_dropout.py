@@ -67,7 +67,7 @@ def hash_dropout(x: torch.Tensor, p: float, key: torch.Tensor) -> torch.Tensor:
 
 def draw_key(device: torch.device) -> torch.Tensor:
     """A () int32 key in [0, 2^31 - 1) from torch's generator for `device` (one small draw per call;
-    inductor computes it once per program, not per element)."""
+    a scalar in the fused kernel, as inductor's CPU code shows; the Triton code is not yet read)."""
     return torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int32)
 
 
