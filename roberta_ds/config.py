@@ -48,16 +48,18 @@ class ModelConfig:
     """"sdpa" (SDPA with a key-padding mask), "varlen" (FlashAttention-2 over each row's real tokens
     as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA), or "auto":
     varlen where that kernel runs (a CUDA device in bf16/fp16), else sdpa (`resolve_auto`). Same maths
-    at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
+    at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are).
+    "triton": the varlen segments through our own Triton kernel (roberta_ds/triton_attention.py: a
+    cheaper dropout draw, dQKV written in place); needs the `triton` package where it runs on CUDA."""
     dropout_rng: str = "torch"
     """Where `dropout`'s masks come from in compiled training: "torch" (nn.Dropout; Philox per element
     under torch.compile) or "hash" (a keyed integer hash of the element index, a fraction of Philox's
     arithmetic: roberta_ds/hash_dropout.py). Eager runs use nn.Dropout either way."""
     unpad: bool | str = "auto"
     """Run the layers on the real tokens only, packed into one sequence (no compute on padding; needs
-    attention_kernel "varlen"). The loader supplies the packed index; same loss and gradients. "auto":
-    on exactly where the varlen kernel runs; off elsewhere, where the packed sequence's attention would
-    take an N x N block mask (N = every real token of the micro-batch)."""
+    attention_kernel "varlen" or "triton"). The loader supplies the packed index; same loss and
+    gradients. "auto": on exactly where the varlen kernel runs; off elsewhere, where the packed
+    sequence's attention would take an N x N block mask (N = every real token of the micro-batch)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "type_vocab_size"):
@@ -86,9 +88,9 @@ class ModelConfig:
             f"must be one of {', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}",
         )
         _require(
-            self.unpad is not True or self.attention_kernel == "varlen",
+            self.unpad is not True or self.attention_kernel in SEGMENT_KERNELS,
             "model.unpad",
-            "needs model.attention_kernel=varlen (padding-free layers attend per row segment)",
+            "needs model.attention_kernel=varlen or triton (padding-free layers attend per row segment)",
         )
         for name in ("dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
@@ -103,7 +105,9 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
-ATTENTION_KERNELS = ("auto", "sdpa", "varlen")
+ATTENTION_KERNELS = ("auto", "sdpa", "varlen", "triton")
+SEGMENT_KERNELS = ("varlen", "triton")
+"""The kernels that attend per segment with no mask, which the padding-free layout needs."""
 
 
 def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
@@ -112,7 +116,7 @@ def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
     runs: `attention.flash_capable`), else sdpa with the key mask and padded layers. The trainer
     resolves before it builds the model and the loader, which must agree on `unpad`."""
     kernel = model.attention_kernel if model.attention_kernel != "auto" else ("varlen" if flash else "sdpa")
-    unpad = model.unpad if model.unpad != "auto" else (kernel == "varlen" and flash)
+    unpad = model.unpad if model.unpad != "auto" else (kernel in SEGMENT_KERNELS and flash)
     return dataclasses.replace(model, attention_kernel=kernel, unpad=unpad)
 
 

@@ -1,0 +1,189 @@
+"""Triton kernels of `roberta_ds.triton_attention` (imported only where Triton is installed).
+
+Layout: `QKV` is the fused projection (N, 3, heads, D) with a unit stride over D and `stride_t`
+elements from one token to the next; q, k and v of head h start at h * D, HD + h * D and
+2 * HD + h * D (HD = heads x D). `CU` holds S + 1 int32 segment offsets; every program handles one
+(block, segment, head): grid (cdiv(max_len, BLOCK), S, heads), and a block past its segment's end
+returns at once. `LSE` and `DELTA` are (heads, N) fp32. Softmax runs in base 2: `qk_scale` is the
+attention scale times log2(e), and LSE holds log2 of each row's normaliser.
+
+Dropout: element (i, j) of head h (i the query's packed position, j the key's position within its
+segment) is kept when mix32(mix32(i ^ k_row) ^ mix32(j ^ k_col)) >= `drop_thr` as unsigned 32-bit
+numbers, with k_row, k_col from `head_keys`. The row and column hashes cost once per row or column
+of a block; per element it is one xor, one `mix32` (two multiplies, three shift-xors) and a compare,
+about 10 integer operations, where a Philox4x32-10 draw is about 25 per 32-bit output.
+`triton_attention.keep_mask` is the same function in torch for the tests.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mix32(h):
+    """Wellons' lowbias32 (improved constants) on uint32: `hash_dropout.mix32`'s function."""
+    h = h ^ (h >> 16)
+    h = h * 0x21F0AAAD
+    h = h ^ (h >> 15)
+    h = h * 0x735A2D97
+    return h ^ (h >> 15)
+
+
+@triton.jit
+def head_keys(KEY, head):
+    """The call's key (a device scalar: nothing syncs) and the head -> (k_row, k_col), uint32."""
+    hk = mix32(tl.load(KEY).to(tl.uint32) + head.to(tl.uint32) * 0x7F4A7C15)
+    return mix32(hk ^ 0x1B873593), mix32(hk ^ 0x5BD1E995)
+
+
+@triton.jit(do_not_specialize=["drop_thr"])
+def attn_fwd(
+    QKV, O, LSE, CU, KEY, qk_scale, drop_thr, drop_scale, stride_t, stride_ot, N, HD,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    if pid_m * BLOCK_M >= length:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < length
+    rows = (start + offs_m).to(tl.int64)
+    q = tl.load(QKV + rows[:, None] * stride_t + head * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_ptrs = QKV + HD + head * D + offs_d[:, None]  # K^T: (D, BLOCK_N) once offset by the key rows
+    v_ptrs = QKV + 2 * HD + head * D + offs_d[None, :]
+    if DROPOUT:
+        k_row, k_col = head_keys(KEY, head)
+        r = mix32((start + offs_m).to(tl.uint32) ^ k_row)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < length
+        keys = (start + cols).to(tl.int64)
+        k = tl.load(k_ptrs + keys[None, :] * stride_t, mask=col_ok[None, :], other=0.0)
+        s = tl.where(col_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
+        if DROPOUT:
+            c = mix32(cols.to(tl.uint32) ^ k_col)
+            p = tl.where(mix32(r[:, None] ^ c[None, :]) >= drop_thr.to(tl.uint32), p, 0.0)
+        v = tl.load(v_ptrs + keys[:, None] * stride_t, mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # l_i >= 1: the row's largest score contributes exp2(0). 1 / (1 - p) applied once, here.
+    acc = acc * (drop_scale / l_i)[:, None]
+    tl.store(O + rows[:, None] * stride_ot + head * D + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + head * N + start + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def attn_bwd_delta(O, DO, DELTA, stride_ot, stride_dot, N, D: tl.constexpr, BLOCK: tl.constexpr):
+    """delta_i = dO_i . O_i (= sum_j P_ij dP_ij, dropout included) per row and head."""
+    head = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    ok = offs < N
+    rows = offs.to(tl.int64)
+    o = tl.load(O + rows[:, None] * stride_ot + head * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + head * N + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit(do_not_specialize=["drop_thr"])
+def attn_bwd_dkdv(
+    QKV, DO, LSE, DELTA, DQKV, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t, stride_dot,
+    N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """dK and dV of one block of keys: a loop over the segment's queries (transposed scores)."""
+    pid_n, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    if pid_n * BLOCK_N >= length:
+        return
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    col_ok = cols < length
+    keys = (start + cols).to(tl.int64)
+    kv_off = keys[:, None] * stride_t + head * D + offs_d[None, :]
+    k = tl.load(QKV + HD + kv_off, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+    v = tl.load(QKV + 2 * HD + kv_off, mask=col_ok[:, None], other=0.0)
+    if DROPOUT:
+        k_row, k_col = head_keys(KEY, head)
+        c = mix32(cols.to(tl.uint32) ^ k_col)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for m0 in range(0, length, BLOCK_M):
+        qi = m0 + offs_m
+        row_ok = qi < length
+        rows = (start + qi).to(tl.int64)
+        # Rows past the segment load q = dO = 0, LSE = delta = 0: their terms below vanish.
+        q = tl.load(QKV + rows[:, None] * stride_t + head * D + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + head * N + start + qi, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * N + start + qi, mask=row_ok, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        dp_t = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            r = mix32((start + qi).to(tl.uint32) ^ k_row)
+            keep = mix32(c[:, None] ^ r[None, :]) >= drop_thr.to(tl.uint32)
+            dv += tl.dot((tl.where(keep, p_t, 0.0) * drop_scale).to(do.dtype), do)
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do)
+        dk += tl.dot((p_t * (dp_t - delta[None, :])).to(q.dtype), q)
+    tl.store(DQKV + HD + kv_off, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DQKV + 2 * HD + kv_off, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["drop_thr"])
+def attn_bwd_dq(
+    QKV, DO, LSE, DELTA, DQKV, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t, stride_dot,
+    N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """dQ of one block of queries: a loop over the segment's keys."""
+    pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    if pid_m * BLOCK_M >= length:
+        return
+    qi = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_ok = qi < length
+    rows = (start + qi).to(tl.int64)
+    q_off = rows[:, None] * stride_t + head * D + offs_d[None, :]
+    q = tl.load(QKV + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + head * N + start + qi, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head * N + start + qi, mask=row_ok, other=0.0)
+    if DROPOUT:
+        k_row, k_col = head_keys(KEY, head)
+        r = mix32((start + qi).to(tl.uint32) ^ k_row)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < length
+        kv_off = (start + cols).to(tl.int64)[:, None] * stride_t + head * D + offs_d[None, :]
+        k = tl.load(QKV + HD + kv_off, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(QKV + 2 * HD + kv_off, mask=col_ok[:, None], other=0.0)
+        # Keys past the segment: p = 0 (exp2(0 - LSE) could overflow for a very negative LSE).
+        p = tl.where(col_ok[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            c = mix32(cols.to(tl.uint32) ^ k_col)
+            dp = tl.where(mix32(r[:, None] ^ c[None, :]) >= drop_thr.to(tl.uint32), dp * drop_scale, 0.0)
+        dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k)
+    tl.store(DQKV + q_off, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
