@@ -12,7 +12,9 @@
 #     bash bench/gpu_run.sh --cases hf_base512_m64 <the skipped cases...>
 # CPU check of this script (tiny models): SKIP_WHEELS=1 OUT=/tmp/o bash bench/gpu_run.sh --smoke --cases ...
 #
-# First bench/model_check.py (CHECK_S, default 100 s; SKIP_CHECK=1 skips it), then the cases.
+# First bench/model_check.py (CHECK_S, default 100 s; SKIP_CHECK=1 skips it); with ATTN=1 then
+# bench/attention_kernels.py (our Triton attention against FlashAttention-2 alone, ATTN_S, default
+# 120 s; attention.{log,json}); then the cases.
 # Comes back under $OUT: model_check.{log,json}, table.txt (the final table), results.json (every row), run.log,
 # logs/<case>.log (one per case process), profile_<case>.txt (torch.profiler, one optimizer step of the first
 # case of each model size: base and large).
@@ -46,6 +48,8 @@ torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', t.__vers
 SMOKE=""; for a in "$@"; do [ "$a" = "--smoke" ] && SMOKE=--smoke; done
 [ -n "${SKIP_CHECK:-}" ] || timeout "${CHECK_S:-100}" python3 bench/model_check.py $SMOKE \
   --json "$OUT/model_check.json" 2>&1 | tee "$OUT/model_check.log" | grep -v '^USDT\|^STAGE:'
+[ -z "${ATTN:-}" ] || timeout "${ATTN_S:-120}" python3 bench/attention_kernels.py $SMOKE \
+  --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
 python3 bench/train_throughput.py --budget-s "${BUDGET_S:-430}" --work /tmp/roberta-ds-bench \
   --logs "$OUT/logs" --json "$OUT/results.json" --profile "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}

@@ -251,10 +251,10 @@ def test_auto_model_runs_sdpa_on_cpu_and_ignores_the_index(monkeypatch):
     monkeypatch.setattr(model_module, "flash_capable", lambda device, dtype: True)
     packed = []
     monkeypatch.setattr(model_module, "packed_inputs",
-                        lambda keep: packed.append(1) or attention.packed_inputs(keep))
+                        lambda keep, kernel: packed.append(kernel) or attention.packed_inputs(keep, kernel))
     with torch.no_grad():
         model(ids, pos, lab, unpad_index=index)  # CPU: the varlen branch runs SDPA over the segments
-    assert packed == [1]
+    assert packed == ["varlen"]
 
 
 def test_loop_passes_the_index_only_when_unpadded():

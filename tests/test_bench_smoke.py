@@ -286,3 +286,21 @@ def test_host_ops_smoke(tmp_path: Path) -> None:
     assert 0 < z1["ds_ops_per_micro"] < z2["ds_ops_per_micro"]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("ZeRO-2") and "baseline" in lines[-1] and "x less" in lines[-2]
+
+
+def test_attention_kernels_smoke(tmp_path: Path) -> None:
+    """bench/attention_kernels.py on CPU: the Triton kernel (interpreter) beside SDPA's block mask, both
+    dropout settings, outputs agreeing without dropout, the table last."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "attention_kernels.py"), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["kernel"], r["dropout"]) for r in rows] == [
+        ("sdpa-seg", 0.1), ("triton", 0.1), ("sdpa-seg", 0.0), ("triton", 0.0)]
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
+    assert all(r["max_diff"] < 3e-3 for r in rows), rows
+    assert rows[0]["speedup"] == 1.0
+    assert proc.stdout.strip().splitlines()[-1].startswith("tiny       triton")

@@ -1,36 +1,32 @@
 """The Triton attention kernel (`model.attention_kernel: triton`) against its plain-torch specification.
 
-Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the
-kernels are first built), in fp16; with CUDA the same tests run compiled, in fp16 and bf16
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before
+anything imports Triton), in fp16; with CUDA the same tests run compiled, in fp16 and bf16
 (scripts/gpu_check.sh). The keep-bit statistics are pure torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
+import pytest
 import torch
+import triton  # noqa: F401  (a test dependency: the `test` extra installs it)
+from test_model import PAD, V, batch, mlm_targets
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first built (`_kernels`)
-
-import pytest  # noqa: E402
-import triton  # noqa: E402,F401  (a test dependency: the `test` extra installs it)
-from test_model import PAD, V, batch, mlm_targets  # noqa: E402
-
-from roberta_ds import attention  # noqa: E402
-from roberta_ds import triton_attention as ta  # noqa: E402
-from roberta_ds.config import model_config, resolve_auto  # noqa: E402
-from roberta_ds.errors import ConfigError  # noqa: E402
-from roberta_ds.masking import unpad_index  # noqa: E402
-from roberta_ds.model import RobertaMLM  # noqa: E402
+from roberta_ds import attention
+from roberta_ds import triton_attention as ta
+from roberta_ds.config import model_config, resolve_auto
+from roberta_ds.errors import ConfigError
+from roberta_ds.masking import unpad_index
+from roberta_ds.model import RobertaMLM
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]  # the interpreter's bf16 dot is wrong
 # Segments: empty, one token, shorter than a block, several blocks with a ragged end.
 LENGTHS = (5, 0, 40, 1, 17, 33)
+
 
 
 def segments(lengths=LENGTHS, heads: int = 2, d: int = 32, dtype=torch.float16, seed: int = 0):
@@ -191,3 +187,60 @@ def test_config_accepts_triton_with_padding_free_layers_and_the_trainer_requires
     ta.check_available(cfg, cuda=False)  # the CPU falls back to SDPA: nothing needed
     with pytest.raises(ConfigError, match="model.attention_kernel=triton needs the triton package"):
         ta.check_available(cfg, cuda=True)
+
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_matches_flash_attention_2_at_roberta_shapes():
+    """bf16, 12 heads of 64, rows of 512 and shorter: our kernel and FlashAttention-2's varlen kernel
+    against the fp32 specification, without dropout (their keep bits differ by design)."""
+    lengths = (512, 512, 77, 512, 300, 1)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    qkv = torch.randn(int(offsets[-1]), 3, 12, 64, generator=torch.Generator().manual_seed(0))
+    qkv = qkv.to(DEV, torch.bfloat16)
+    upstream = torch.randn(qkv.shape[0], 12, 64, device=DEV)
+    ref_out, ref_grad = run_reference(qkv, offsets, 0.0, 0, upstream)
+    for name in ("triton", "flash2"):
+        x = qkv.detach().clone().requires_grad_()
+        if name == "triton":
+            out = ta.attention(x, offsets, 512, 0.0)
+        else:
+            q, k, v = x.unbind(1)
+            out = attention.flash_varlen(q, k, v, offsets, 512, 0.0)
+        out.backward(upstream.to(out.dtype))
+        close(out.float(), ref_out, torch.bfloat16)
+        close(x.grad.float(), ref_grad, torch.bfloat16)
+
+
+@cuda_only
+def test_compiled_padding_free_model_with_the_triton_kernel_in_one_graph():
+    """The training shape of the kernel: compiled, bf16 autocast, padding-free layers with a token count
+    that changes every batch (dynamic), dropout on; the loss matches SDPA's key mask in eval mode."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    cfg = model_config("tiny", vocab_size=V, attention_kernel="triton", unpad=True)
+    model = RobertaMLM(cfg).to(DEV)
+    ref = RobertaMLM(dataclasses.replace(cfg, attention_kernel="sdpa", unpad=False)).to(DEV).eval()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model)
+    for seed, lengths in enumerate(([64, 40, 17, 64], [9, 64, 33, 3], [64, 64, 64, 64])):
+        ids = batch(lengths, T=64, seed=seed)
+        pos, lab = mlm_targets(ids, K=8, seed=seed)
+        index = torch.from_numpy(unpad_index(ids.numpy() == PAD)).to(DEV)
+        torch._dynamo.maybe_mark_dynamic(index, 0)
+        ids, pos, lab = (t.to(DEV) for t in (ids, pos, lab))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model.eval()
+            loss = compiled(ids, pos, lab, unpad_index=index)
+            want = ref(ids, pos, lab)
+            torch.testing.assert_close(loss.float(), want.float(), rtol=2e-2, atol=2e-2)
+            model.train()
+            train_loss = compiled(ids, pos, lab, unpad_index=index)
+        assert torch.isfinite(train_loss)
+        train_loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # one eval graph, one train graph
+    torch._dynamo.reset()
