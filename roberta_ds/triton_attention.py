@@ -8,7 +8,7 @@ At head size 64 the tensor cores are not what limits such a kernel: per score it
 640 (backward) matmul FLOPs, which take the tensor cores about as long as the exp2 and a few dozen
 integer operations take the other units, so the dropout draw is a large share. Here the keep bit of
 score (i, j) comes from a keyed integer hash whose row and column halves are computed once per row
-and column of a block, leaving ~10 integer operations per score (triton_attention_kernels.py), and the
+and column of a block, leaving 6 integer operations per score (triton_attention_kernels.py), and the
 matmuls are Triton's (Hopper's wgmma on an H100). The backward writes dQ, dK and dV straight into one
 (N, 3, heads, D) gradient: with FlashAttention-2's API the three were stacked by an extra copy (3% of
 a base step). Whether all this is faster is measured by `bench/attention_kernels.py` on the GPU.
@@ -226,7 +226,8 @@ def keep_mask(key: int, head: int, rows: torch.Tensor, cols: torch.Tensor, p: fl
     hk = mix32(torch.tensor((key & M32) + head * 0x7F4A7C15) & M32)
     k_row, k_col = mix32(hk ^ 0x1B873593), mix32(hk ^ 0x5BD1E995)
     r, c = mix32(rows ^ k_row), mix32(cols ^ k_col)
-    return mix32(r[:, None] ^ c[None, :]) >= dropout_args(p)[0]
+    h = ((r[:, None] ^ c[None, :]) * 0x21F0AAAD) & M32  # the kernels' `score_bits`
+    return (((h ^ (h >> 15)) * 0x735A2D97) & M32) >= dropout_args(p)[0]
 
 
 def reference_attention(

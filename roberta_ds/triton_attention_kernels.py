@@ -8,10 +8,11 @@ returns at once. `LSE` and `DELTA` are (heads, N) fp32. Softmax runs in base 2: 
 attention scale times log2(e), and LSE holds log2 of each row's normaliser.
 
 Dropout: element (i, j) of head h (i the query's packed position, j the key's position within its
-segment) is kept when mix32(mix32(i ^ k_row) ^ mix32(j ^ k_col)) >= `drop_thr` as unsigned 32-bit
+segment) is kept when `score_bits(mix32(i ^ k_row), mix32(j ^ k_col)) >= drop_thr` as unsigned 32-bit
 numbers, with k_row, k_col from `head_keys`. The row and column hashes cost once per row or column
-of a block; per element it is one xor, one `mix32` (two multiplies, three shift-xors) and a compare,
-about 10 integer operations, where a Philox4x32-10 draw is about 25 per 32-bit output.
+of a block; per score it is `score_bits` (an xor, two multiplies, one shift-xor) and a compare: 6
+integer operations, where a Philox4x32-10 draw is about 70 per four 32-bit outputs. One multiply
+alone after the xor left a measurable 2 x 2 rectangle dependence (bench/NOTES.md, stop 15).
 `triton_attention.keep_mask` is the same function in torch for the tests.
 """
 
@@ -29,6 +30,13 @@ def mix32(h):
     h = h ^ (h >> 15)
     h = h * 0x735A2D97
     return h ^ (h >> 15)
+
+
+@triton.jit
+def score_bits(r, c):
+    """The keep bits' source of one score from its row and column hashes (uint32)."""
+    h = (r ^ c) * 0x21F0AAAD
+    return (h ^ (h >> 15)) * 0x735A2D97
 
 
 @triton.jit
@@ -74,7 +82,7 @@ def attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
         if DROPOUT:
             c = mix32(cols.to(tl.uint32) ^ k_col)
-            p = tl.where(mix32(r[:, None] ^ c[None, :]) >= drop_thr.to(tl.uint32), p, 0.0)
+            p = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), p, 0.0)
         v = tl.load(v_ptrs + keys[:, None] * stride_t, mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -137,7 +145,7 @@ def attn_bwd_dkdv(
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
             r = mix32((start + qi).to(tl.uint32) ^ k_row)
-            keep = mix32(c[:, None] ^ r[None, :]) >= drop_thr.to(tl.uint32)
+            keep = score_bits(r[None, :], c[:, None]) >= drop_thr.to(tl.uint32)
             dv += tl.dot((tl.where(keep, p_t, 0.0) * drop_scale).to(do.dtype), do)
             dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
         else:
@@ -184,6 +192,6 @@ def attn_bwd_dq(
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             c = mix32(cols.to(tl.uint32) ^ k_col)
-            dp = tl.where(mix32(r[:, None] ^ c[None, :]) >= drop_thr.to(tl.uint32), dp * drop_scale, 0.0)
+            dp = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), dp * drop_scale, 0.0)
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k)
     tl.store(DQKV + q_off, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
