@@ -46,6 +46,33 @@ def head_keys(KEY, head):
     return mix32(hk ^ 0x1B873593), mix32(hk ^ 0x5BD1E995)
 
 
+@triton.jit
+def fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, r, k_col, n0, start, length, qk_scale, drop_thr, stride_t,
+              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    """One block of keys of the online softmax. MASKED only for the segment's last, partial block: the
+    full ones skip the bounds checks (one select per score fewer)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    keys = (start + cols).to(tl.int64)
+    if MASKED:
+        col_ok = cols < length
+        k = tl.load(k_ptrs + keys[None, :] * stride_t, mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + keys[:, None] * stride_t, mask=col_ok[:, None], other=0.0)
+        s = tl.where(col_ok[None, :], tl.dot(q, k), float("-inf"))  # (BLOCK_M, BLOCK_N), unscaled
+    else:
+        k = tl.load(k_ptrs + keys[None, :] * stride_t)
+        v = tl.load(v_ptrs + keys[:, None] * stride_t)
+        s = tl.dot(q, k)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
+    l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
+    if DROPOUT:
+        c = mix32(cols.to(tl.uint32) ^ k_col)
+        p = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
 @triton.jit(do_not_specialize=["drop_thr"])
 def attn_fwd(
     QKV, O, LSE, CU, KEY, qk_scale, drop_thr, drop_scale, stride_t, stride_ot, N, HD,
@@ -57,36 +84,29 @@ def attn_fwd(
     if pid_m * BLOCK_M >= length:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < length
     rows = (start + offs_m).to(tl.int64)
     q = tl.load(QKV + rows[:, None] * stride_t + head * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     k_ptrs = QKV + HD + head * D + offs_d[:, None]  # K^T: (D, BLOCK_N) once offset by the key rows
     v_ptrs = QKV + 2 * HD + head * D + offs_d[None, :]
+    k_col = 0
+    r = offs_m
     if DROPOUT:
         k_row, k_col = head_keys(KEY, head)
         r = mix32((start + offs_m).to(tl.uint32) ^ k_row)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(0, length, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < length
-        keys = (start + cols).to(tl.int64)
-        k = tl.load(k_ptrs + keys[None, :] * stride_t, mask=col_ok[None, :], other=0.0)
-        s = tl.where(col_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
-        if DROPOUT:
-            c = mix32(cols.to(tl.uint32) ^ k_col)
-            p = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), p, 0.0)
-        v = tl.load(v_ptrs + keys[:, None] * stride_t, mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    # l_i >= 1: the row's largest score contributes exp2(0). 1 / (1 - p) applied once, here.
+    full = (length // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full, BLOCK_N):
+        acc, l_i, m_i = fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, r, k_col, n0, start, length, qk_scale,
+                                  drop_thr, stride_t, BLOCK_N, DROPOUT, False)
+    if full < length:
+        acc, l_i, m_i = fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, r, k_col, full, start, length, qk_scale,
+                                  drop_thr, stride_t, BLOCK_N, DROPOUT, True)
+    # l_i >= 1: the row's largest score contributes exp2(0). 1 / (1 - p) applied once, here. LSE in base 2
+    # of the scaled scores: m_i already carries qk_scale.
     acc = acc * (drop_scale / l_i)[:, None]
     tl.store(O + rows[:, None] * stride_ot + head * D + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=row_ok[:, None])

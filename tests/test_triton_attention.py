@@ -24,8 +24,8 @@ from roberta_ds.model import RobertaMLM
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]  # the interpreter's bf16 dot is wrong
-# Segments: empty, one token, shorter than a block, several blocks with a ragged end.
-LENGTHS = (5, 0, 40, 1, 17, 33)
+# Segments: empty, one token, shorter than a block, whole blocks, several blocks with a ragged end.
+LENGTHS = (5, 0, 40, 1, 17, 32, 33)
 
 
 
