@@ -79,8 +79,7 @@ def attn_fwd(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
+    start, length = segment(CU, seq)
     if pid_m * BLOCK_M >= length:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,6 +125,28 @@ def attn_bwd_delta(O, DO, DELTA, stride_ot, stride_dot, N, D: tl.constexpr, BLOC
     tl.store(DELTA + head * N + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
 
+@triton.jit
+def segment(CU, seq):
+    """(start, length) of segment `seq`."""
+    start = tl.load(CU + seq)
+    return start, tl.load(CU + seq + 1) - start
+
+
+@triton.jit
+def query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot, N, D: tl.constexpr):
+    """q, dO (BLOCK, D) and LSE, delta (BLOCK,) of the segment's queries `qi`. Rows past the segment
+    load q = dO = 0 and LSE = delta = 0, so their terms in dK and dV vanish."""
+    row_ok = qi < length
+    rows = (start + qi).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    q = tl.load(QKV + rows[:, None] * stride_t + head * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + head * N + start + qi, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head * N + start + qi, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
 @triton.jit(do_not_specialize=["drop_thr"])
 def attn_bwd_dkdv(
     QKV, DO, LSE, DELTA, DQKV, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t, stride_dot,
@@ -133,8 +154,7 @@ def attn_bwd_dkdv(
 ):
     """dK and dV of one block of keys: a loop over the segment's queries (transposed scores)."""
     pid_n, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
+    start, length = segment(CU, seq)
     if pid_n * BLOCK_N >= length:
         return
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,15 +172,8 @@ def attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for m0 in range(0, length, BLOCK_M):
         qi = m0 + offs_m
-        row_ok = qi < length
-        rows = (start + qi).to(tl.int64)
-        # Rows past the segment load q = dO = 0, LSE = delta = 0: their terms below vanish.
-        q = tl.load(QKV + rows[:, None] * stride_t + head * D + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
-        lse = tl.load(LSE + head * N + start + qi, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + head * N + start + qi, mask=row_ok, other=0.0)
+        q, do, lse, delta = query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot,
+                                       N, D)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
@@ -182,21 +195,15 @@ def attn_bwd_dq(
 ):
     """dQ of one block of queries: a loop over the segment's keys."""
     pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
+    start, length = segment(CU, seq)
     if pid_m * BLOCK_M >= length:
         return
     qi = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     row_ok = qi < length
-    rows = (start + qi).to(tl.int64)
-    q_off = rows[:, None] * stride_t + head * D + offs_d[None, :]
-    q = tl.load(QKV + q_off, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-    lse = tl.load(LSE + head * N + start + qi, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head * N + start + qi, mask=row_ok, other=0.0)
+    q_off = (start + qi).to(tl.int64)[:, None] * stride_t + head * D + offs_d[None, :]
+    q, do, lse, delta = query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot, N, D)
     if DROPOUT:
         k_row, k_col = head_keys(KEY, head)
         r = mix32((start + qi).to(tl.uint32) ^ k_row)
