@@ -8,7 +8,9 @@ Why: attention with the recipe's dropout 0.1 was a quarter of roberta-base's ste
 This times exactly what a layer runs, on a packed micro-batch of FULL-SENTENCES-like rows (most 512
 tokens long, some shorter: the padding-free layout): from the fused (N, 3, heads, 64) projection to
 the (N, heads, 64) output and, in backward, to the gradient of that projection. For FA2 that includes
-the copy that stacks dq, dk, dv into it, which our kernel avoids by writing in place. Both with the
+the copy that stacks dq, dk, dv into it, which our kernel avoids by writing in place. Ours runs with
+each backward structure (`triton`: dK/dV and dQ kernels; `tri-fused`: one kernel, dQ by atomics:
+`triton_attention.BACKWARDS`). All with the
 recipe's dropout 0.1 and without it (what the dropout draw costs each kernel). Times are CUDA-event
 medians after warm-up (our kernel autotunes at its first call); TFLOP/s count 4 x D x heads x
 sum(L^2) forward and 2.5 times that backward, the convention of FlashAttention's own benchmarks.
@@ -56,8 +58,14 @@ def kernels(device: str):
         inputs = attention.AttentionInputs("varlen", offsets, max_len)
         return attention.attend(qkv[None], inputs, p).view(n, h, d)
 
+    def triton(kind):  # the backward's structure is read when the backward runs
+        def fn(qkv, offsets, max_len, p):
+            os.environ["ROBERTA_DS_TRITON_ATTN_BWD"] = kind
+            return triton_attention.attention(qkv, offsets, max_len, p)
+        return fn
+
     first = {"flash2": flash2} if device == "cuda" else {"sdpa-seg": sdpa_segments}
-    return {**first, "triton": triton_attention.attention}
+    return {**first, "triton": triton("split"), "tri-fused": triton("fused")}
 
 
 def time_ms(fn, reps: int, device: str) -> float:
@@ -101,7 +109,7 @@ def measure(shape: str, heads: int, d: int, rows: int, seq: int, p: float, reps:
 
         def both(fn=fn):
             qkv.grad = None
-            fn(qkv, offsets, seq, p).backward(upstream)
+            fn(qkv, offsets, seq, p).backward(upstream)  # (an env var set inside fn holds for backward too)
 
         for _ in range(3):  # warm-up: autotuning, caches
             both()
@@ -111,23 +119,30 @@ def measure(shape: str, heads: int, d: int, rows: int, seq: int, p: float, reps:
                          "bwd_ms": b_ms, "fwd_tflops": fwd_flops / f_ms / 1e9,
                          "bwd_tflops": 2.5 * fwd_flops / b_ms / 1e9, "fwd_bwd_ms": fb_ms})
     base = rows_out[0]["fwd_bwd_ms"]
-    with torch.no_grad():  # without dropout the kernels must agree (bf16 rounding apart)
-        outs = [fn(qkv, offsets, seq, 0.0).float() for fn in kernels(device).values()]
-    for r, o in zip(rows_out, outs, strict=True):
+    outs, grads = [], []  # without dropout the kernels must agree (bf16 rounding apart)
+    for fn in kernels(device).values():
+        qkv.grad = None
+        out = fn(qkv, offsets, seq, 0.0)
+        out.backward(upstream)
+        outs.append(out.detach().float())
+        grads.append(qkv.grad.float())
+    for r, o, g in zip(rows_out, outs, grads, strict=True):
         r["speedup"] = base / r["fwd_bwd_ms"]
         r["max_diff"] = (o - outs[0]).abs().max().item()
+        r["grad_diff"] = (g - grads[0]).abs().max().item() / max(grads[0].abs().max().item(), 1e-12)
     return rows_out
 
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"\n== attention kernels ({device}; speedup = the first kernel's fwd+bwd time / this one's;"
-          " max diff: its output's against the first's, without dropout)")
-    print(f"{'shape':<10} {'kernel':<8} {'drop':>4} {'tokens':>7} {'fwd ms':>7} {'bwd ms':>7} "
-          f"{'fwd TF/s':>8} {'bwd TF/s':>8} {'speedup':>7} {'max diff':>8}")
+          " max diff: its output's against the first's, grad diff: its qkv gradient's relative to the"
+          " largest, both without dropout)")
+    print(f"{'shape':<10} {'kernel':<9} {'drop':>4} {'tokens':>7} {'fwd ms':>7} {'bwd ms':>7} "
+          f"{'fwd TF/s':>8} {'bwd TF/s':>8} {'speedup':>7} {'max diff':>8} {'grad diff':>9}")
     for r in rows:
-        print(f"{r['shape']:<10} {r['kernel']:<8} {r['dropout']:>4.2f} {r['tokens']:>7} {r['fwd_ms']:>7.2f} "
+        print(f"{r['shape']:<10} {r['kernel']:<9} {r['dropout']:>4.2f} {r['tokens']:>7} {r['fwd_ms']:>7.2f} "
               f"{r['bwd_ms']:>7.2f} {r['fwd_tflops']:>8.1f} {r['bwd_tflops']:>8.1f} {r['speedup']:>6.2f}x "
-              f"{r['max_diff']:>8.1e}")
+              f"{r['max_diff']:>8.1e} {r['grad_diff']:>9.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:

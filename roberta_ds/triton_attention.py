@@ -54,6 +54,12 @@ M32 = 0xFFFFFFFF
 FWD_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3))
 DKDV_CONFIGS = ((32, 128, 4, 5), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4))
 DQ_CONFIGS = ((128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4))
+FUSED_CONFIGS = ((64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 3), (128, 128, 8, 2))
+BACKWARDS = ("split", "fused")
+"""The backward's structure, `ROBERTA_DS_TRITON_ATTN_BWD` (read per call; default split): "split" runs
+dK/dV and dQ as two kernels, each recomputing the scores' exp2 and keep bits, deterministic; "fused"
+one kernel with dQ by fp32 atomic adds (FlashAttention-2's way), each score's arithmetic once.
+bench/attention_kernels.py times both."""
 INTERPRET_BLOCK = 16  # the CPU interpreter: small blocks, no tuning
 DELTA_BLOCK = 64
 
@@ -85,17 +91,26 @@ def _kernels() -> SimpleNamespace:
     if interpreting():
         b = INTERPRET_BLOCK
         meta = {"BLOCK_M": b, "BLOCK_N": b}
-        return SimpleNamespace(fwd=k.attn_fwd, dkdv=k.attn_bwd_dkdv, dq=k.attn_bwd_dq, delta=k.attn_bwd_delta,
-                               meta=meta, delta_block=b)
+        return SimpleNamespace(fwd=k.attn_fwd, dkdv=k.attn_bwd_dkdv, dq=k.attn_bwd_dq, fused=k.attn_bwd_fused,
+                               delta=k.attn_bwd_delta, meta=meta, delta_block=b)
 
-    def tuned(fn, configs):
+    def tuned(fn, configs, **kw):
         cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in configs]
-        return triton.autotune(cfgs, key=["D", "DROPOUT"])(fn)
+        return triton.autotune(cfgs, key=["D", "DROPOUT"], **kw)(fn)
 
     return SimpleNamespace(fwd=tuned(k.attn_fwd, FWD_CONFIGS), dkdv=tuned(k.attn_bwd_dkdv, DKDV_CONFIGS),
-                           dq=tuned(k.attn_bwd_dq, DQ_CONFIGS), delta=k.attn_bwd_delta, meta={},
-                           delta_block=DELTA_BLOCK)
+                           dq=tuned(k.attn_bwd_dq, DQ_CONFIGS),
+                           # tuning reruns the kernel: its atomic dQ must start from zero each time
+                           fused=tuned(k.attn_bwd_fused, FUSED_CONFIGS, reset_to_zero=["DQ32"]),
+                           delta=k.attn_bwd_delta, meta={}, delta_block=DELTA_BLOCK)
+
+
+def backward_kind() -> str:
+    kind = os.environ.get("ROBERTA_DS_TRITON_ATTN_BWD", "split")
+    if kind not in BACKWARDS:
+        raise ValueError(f"ROBERTA_DS_TRITON_ATTN_BWD={kind!r}: choose one of {', '.join(BACKWARDS)}")
+    return kind
 
 
 def dropout_args(p: float) -> tuple[int, float]:
@@ -143,8 +158,15 @@ def _backward(dout, qkv, out, lse, offsets, key, max_len: int, p: float) -> torc
     kern.delta[(triton.cdiv(n, kern.delta_block), h)](
         out, dout, delta, out.stride(0), dout.stride(0), n, D=d, BLOCK=kern.delta_block
     )
-    args = (qkv, dout, lse, delta, dqkv, offsets, key, d**-0.5 * LOG2E, d**-0.5, thr, scale, qkv.stride(0),
-            dout.stride(0), n, h * d)
+    consts = (key, d**-0.5 * LOG2E, d**-0.5, thr, scale, qkv.stride(0), dout.stride(0), n, h * d)
+    if backward_kind() == "fused":
+        dq32 = torch.zeros((n, h, d), device=qkv.device, dtype=torch.float32)
+        kern.fused[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), segments, h)](
+            qkv, dout, lse, delta, dqkv, dq32, offsets, *consts, D=d, DROPOUT=p > 0, **kern.meta
+        )
+        dqkv[:, 0].copy_(dq32)
+        return dqkv
+    args = (qkv, dout, lse, delta, dqkv, offsets, *consts)
     kern.dkdv[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), segments, h)](
         *args, D=d, DROPOUT=p > 0, **kern.meta
     )

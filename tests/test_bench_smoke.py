@@ -299,8 +299,9 @@ def test_attention_kernels_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [(r["kernel"], r["dropout"]) for r in rows] == [
-        ("sdpa-seg", 0.1), ("triton", 0.1), ("sdpa-seg", 0.0), ("triton", 0.0)]
+        ("sdpa-seg", 0.1), ("triton", 0.1), ("tri-fused", 0.1), ("sdpa-seg", 0.0), ("triton", 0.0),
+        ("tri-fused", 0.0)]
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["tokens"] == rows[0]["tokens"] for r in rows)
-    assert all(r["max_diff"] < 3e-3 for r in rows), rows
+    assert all(r["max_diff"] < 3e-3 and r["grad_diff"] < 3e-3 for r in rows), rows
     assert rows[0]["speedup"] == 1.0
-    assert proc.stdout.strip().splitlines()[-1].startswith("tiny       triton")
+    assert proc.stdout.strip().splitlines()[-1].startswith("tiny       tri-fused ")

@@ -57,9 +57,11 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
     assert (a - b).abs().max().item() <= tol * max(scale, 1.0), (a - b).abs().max().item()
 
 
+@pytest.mark.parametrize("backward", ta.BACKWARDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_output_and_gradient_match_the_specification(dtype, p):
+def test_output_and_gradient_match_the_specification(dtype, p, backward, monkeypatch):
+    monkeypatch.setenv("ROBERTA_DS_TRITON_ATTN_BWD", backward)
     qkv, offsets = segments(dtype=dtype)
     out, grad, upstream = run_kernel(qkv, offsets, p, key=12345)
     ref_out, ref_grad = run_reference(qkv, offsets, p, 12345, upstream)
@@ -194,7 +196,7 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @cuda_only
-def test_matches_flash_attention_2_at_roberta_shapes():
+def test_matches_flash_attention_2_at_roberta_shapes(monkeypatch):
     """bf16, 12 heads of 64, rows of 512 and shorter: our kernel and FlashAttention-2's varlen kernel
     against the fp32 specification, without dropout (their keep bits differ by design)."""
     lengths = (512, 512, 77, 512, 300, 1)
@@ -203,9 +205,10 @@ def test_matches_flash_attention_2_at_roberta_shapes():
     qkv = qkv.to(DEV, torch.bfloat16)
     upstream = torch.randn(qkv.shape[0], 12, 64, device=DEV)
     ref_out, ref_grad = run_reference(qkv, offsets, 0.0, 0, upstream)
-    for name in ("triton", "flash2"):
+    for name in ("split", "fused", "flash2"):
         x = qkv.detach().clone().requires_grad_()
-        if name == "triton":
+        if name != "flash2":
+            monkeypatch.setenv("ROBERTA_DS_TRITON_ATTN_BWD", name)
             out = ta.attention(x, offsets, 512, 0.0)
         else:
             q, k, v = x.unbind(1)
