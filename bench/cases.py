@@ -38,6 +38,8 @@ class Case:
     """Extra training-config overrides (`--set` syntax) for `ours`, e.g. inductor compile options."""
     goal: float | None = None
     """tokens/s goal on one H100 (the issue's)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment variables of the case's process, e.g. the Triton attention's backward structure."""
 
 
 B, L = "roberta-base", "roberta-large"
@@ -51,6 +53,7 @@ CDT = ("compile_options.coordinate_descent_tuning=true",)
 SPLIT32 = ("compile_options.triton.mix_order_reduction_split_size=32",)
 TRITON = (("attention_kernel", "triton"), ("unpad", True))
 HASH = (("dropout_rng", "hash"),)
+FUSED = (("ROBERTA_DS_TRITON_ATTN_BWD", "fused"),)
 CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget still has the headline
     Case("base512_m64", "ours", B, 512, 64, goal=600e3),
     Case("hf_base512_m64", "hf_ds", B, 512, 64, compile=False),
@@ -137,6 +140,9 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m256_s32_tri_hash", "ours", B, 512, 256, zero=1, overrides=(*TRITON, *HASH), goal=600e3,
          sets=SPLIT32),
     Case("large512_m64_z1_tri_hash", "ours", L, 512, 64, zero=1, overrides=(*TRITON, *HASH), goal=220e3),
+    # ... with the fused backward (dQ by atomics, each score's exp2 and keep bit once).
+    Case("base512_m128_z1_trifused", "ours", B, 512, 128, zero=1, overrides=TRITON, goal=600e3, env=FUSED),
+    Case("large512_m64_z1_trifused", "ours", L, 512, 64, zero=1, overrides=TRITON, goal=220e3, env=FUSED),
 )
 BY_NAME = {c.name: c for c in CASES}
 

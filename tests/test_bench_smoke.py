@@ -123,11 +123,14 @@ def test_smoke_run_table_ratios_and_parity(tmp_path: Path) -> None:
 
 
 def test_smoke_case_in_child_process(tmp_path: Path) -> None:
-    """The GPU run's mode: each case in its own process, its row handed back as JSON."""
-    proc, rows = run_bench(tmp_path, "--cases", "base512_m32")
+    """The GPU run's mode: each case in its own process, its row handed back as JSON; a case's
+    environment variables reach its process (the row records what that process saw)."""
+    proc, rows = run_bench(tmp_path, "--cases", "base512_m32", "base512_m128_z1_trifused")
     assert rows[0]["status"] == "ok" and rows[0]["impl"] == "ours" and rows[0]["tokens_per_s"] > 0
     assert (tmp_path / "w" / "logs" / "base512_m32.log").is_file()
     row_line(table_lines(proc.stdout), "base512_m32")
+    assert "env" not in rows[0] and rows[1]["status"] == "ok"
+    assert rows[1]["env"] == {"ROBERTA_DS_TRITON_ATTN_BWD": "fused"}
 
 
 def test_model_check_smoke(tmp_path: Path) -> None:
@@ -305,3 +308,16 @@ def test_attention_kernels_smoke(tmp_path: Path) -> None:
     assert all(r["max_diff"] < 3e-3 and r["grad_diff"] < 3e-3 for r in rows), rows
     assert rows[0]["speedup"] == 1.0
     assert proc.stdout.strip().splitlines()[-1].startswith("tiny       tri-fused ")
+
+
+def test_case_env_holds_for_the_case_and_is_restored(monkeypatch) -> None:
+    """In-process runs: the case's environment variables hold during the case, then the old values."""
+    monkeypatch.setenv("ROBERTA_DS_TRITON_ATTN_BWD", "split")
+    monkeypatch.delenv("RDS_TEST_UNSET", raising=False)
+    c = cases.Case("x", "ours", cases.B, 64, 1,
+                   env=(("ROBERTA_DS_TRITON_ATTN_BWD", "fused"), ("RDS_TEST_UNSET", "1")))
+    import os
+
+    with tt.case_env(c):
+        assert os.environ["ROBERTA_DS_TRITON_ATTN_BWD"] == "fused" and os.environ["RDS_TEST_UNSET"] == "1"
+    assert os.environ["ROBERTA_DS_TRITON_ATTN_BWD"] == "split" and "RDS_TEST_UNSET" not in os.environ
