@@ -28,6 +28,18 @@ DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]  # the int
 LENGTHS = (5, 0, 40, 1, 17, 32, 33)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_config():
+    """On a GPU: each kernel's first configuration, not the autotuned choice among four (a minute of
+    compilation less in scripts/gpu_check.sh); bench/attention_kernels.py checks the tuned ones against
+    FlashAttention-2. The kernels are rebuilt after this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROBERTA_DS_TRITON_ATTN_TUNE", "0")
+        ta._kernels.cache_clear()
+        yield
+    ta._kernels.cache_clear()
+
+
 
 def segments(lengths=LENGTHS, heads: int = 2, d: int = 32, dtype=torch.float16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
