@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The trainer's checks on one CUDA GPU (tests/test_train_cuda.py: resume in bf16 and in fp16 with loss
 # scaling, ZeRO-2; the quickstart; tests/test_triton_attention.py: our Triton attention kernel, compiled;
-# tests/test_attention_cuda.py: the varlen attention kernel; the hash dropout's Triton code), for a machine whose image has torch, transformers and pytest but no DeepSpeed:
-# the wheels travel in .whl/ (bash ../shared/gpu/prepare-wheels.sh here, once).
+# tests/test_attention_cuda.py: the varlen attention kernel; the hash dropout's Triton code), for a
+# machine whose image has torch, transformers and pytest but no DeepSpeed: the wheels travel in .whl/ (bash ../shared/gpu/prepare-wheels.sh here, once).
 # One device call, carry [".whl"], timeout_s 420:   bash scripts/gpu_check.sh
 # Writes $OUT/gpu_check.log when OUT is set.
 set -uo pipefail
