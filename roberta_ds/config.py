@@ -92,6 +92,11 @@ class ModelConfig:
             "model.unpad",
             "needs model.attention_kernel=varlen or triton (padding-free layers attend per row segment)",
         )
+        d = self.hidden_size // self.num_heads
+        _require(self.attention_kernel != "triton" or (d >= 16 and d & (d - 1) == 0),
+                 "model.attention_kernel",
+                 f"triton needs a head size (hidden_size / num_heads) that is a power of two >= 16, "
+                 f"got {d}: choose varlen")
         for name in ("dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 

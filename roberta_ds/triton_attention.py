@@ -85,7 +85,7 @@ def runs_on(t: torch.Tensor) -> bool:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    """The four kernels, autotuned on a GPU; fixed small blocks under the interpreter (`meta`)."""
+    """The kernels, autotuned on a GPU; fixed small blocks under the interpreter (`meta`)."""
     from roberta_ds import triton_attention_kernels as k
 
     if interpreting():

@@ -195,6 +195,8 @@ def test_bad_inputs_name_the_problem():
 def test_config_accepts_triton_with_padding_free_layers_and_the_trainer_requires_triton_on_cuda(
         monkeypatch):
     cfg = model_config("tiny", attention_kernel="triton", unpad=True)
+    with pytest.raises(ConfigError, match="model.attention_kernel.*power of two"):
+        model_config("tiny", attention_kernel="triton", num_heads=4, hidden_size=96)
     assert resolve_auto(model_config("tiny", attention_kernel="triton"), True).unpad is True
     assert resolve_auto(model_config("tiny", attention_kernel="triton"), False).unpad is False
     ta.check_available(cfg, cuda=True)  # triton is installed here
