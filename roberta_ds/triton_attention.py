@@ -91,7 +91,7 @@ def _kernels() -> SimpleNamespace:
     if interpreting():
         b = INTERPRET_BLOCK
         meta = {"BLOCK_M": b, "BLOCK_N": b}
-        return SimpleNamespace(fwd=k.attn_fwd, dkdv=k.attn_bwd_dkdv, dq=k.attn_bwd_dq, fused=k.attn_bwd_fused,
+        return SimpleNamespace(fwd=k.attn_fwd, dkdv=k.attn_bwd_dkdv, dq=k.attn_bwd_dq, fused=k.attn_bwd_dkdv,
                                delta=k.attn_bwd_delta, meta=meta, delta_block=b)
 
     # ROBERTA_DS_TRITON_ATTN_TUNE=0: each list's first configuration only (the GPU tests: every
@@ -106,7 +106,7 @@ def _kernels() -> SimpleNamespace:
     return SimpleNamespace(fwd=tuned(k.attn_fwd, FWD_CONFIGS), dkdv=tuned(k.attn_bwd_dkdv, DKDV_CONFIGS),
                            dq=tuned(k.attn_bwd_dq, DQ_CONFIGS),
                            # tuning reruns the kernel: its atomic dQ must start from zero each time
-                           fused=tuned(k.attn_bwd_fused, FUSED_CONFIGS, reset_to_zero=["DQ32"]),
+                           fused=tuned(k.attn_bwd_dkdv, FUSED_CONFIGS, reset_to_zero=["DQ32"]),
                            delta=k.attn_bwd_delta, meta={}, delta_block=DELTA_BLOCK)
 
 
@@ -166,16 +166,15 @@ def _backward(dout, qkv, out, lse, offsets, key, max_len: int, p: float) -> torc
     if backward_kind() == "fused":
         dq32 = torch.zeros((n, h, d), device=qkv.device, dtype=torch.float32)
         kern.fused[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), segments, h)](
-            qkv, dout, lse, delta, dqkv, dq32, offsets, *consts, D=d, DROPOUT=p > 0, **kern.meta
+            qkv, dout, lse, delta, dqkv, dq32, offsets, *consts, D=d, DROPOUT=p > 0, FUSED=True, **kern.meta
         )
         dqkv[:, 0].copy_(dq32)
         return dqkv
-    args = (qkv, dout, lse, delta, dqkv, offsets, *consts)
     kern.dkdv[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), segments, h)](
-        *args, D=d, DROPOUT=p > 0, **kern.meta
-    )
+        qkv, dout, lse, delta, dqkv, dqkv, offsets, *consts, D=d, DROPOUT=p > 0, FUSED=False, **kern.meta
+    )  # (DQ32 unused: dqkv in its place)
     kern.dq[lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), segments, h)](
-        *args, D=d, DROPOUT=p > 0, **kern.meta
+        qkv, dout, lse, delta, dqkv, offsets, *consts, D=d, DROPOUT=p > 0, **kern.meta
     )
     return dqkv
 

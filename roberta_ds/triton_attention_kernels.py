@@ -149,10 +149,15 @@ def query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_do
 
 @triton.jit(do_not_specialize=["drop_thr"])
 def attn_bwd_dkdv(
-    QKV, DO, LSE, DELTA, DQKV, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t, stride_dot,
-    N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+    QKV, DO, LSE, DELTA, DQKV, DQ32, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t,
+    stride_dot, N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
-    """dK and dV of one block of keys: a loop over the segment's queries (transposed scores)."""
+    """dK and dV of one block of keys: a loop over the segment's queries (transposed scores).
+
+    FUSED: dQ too (FlashAttention-2's layout): each score's exp2 and keep bit are computed once instead
+    of twice (here and in `attn_bwd_dq`); dQ is accumulated with fp32 atomic adds into DQ32 (N, heads,
+    D), zeroed before, so its summation order varies from run to run (as FlashAttention-2's)."""
     pid_n, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, length = segment(CU, seq)
     if pid_n * BLOCK_N >= length:
@@ -175,6 +180,8 @@ def attn_bwd_dkdv(
         q, do, lse, delta = query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot,
                                        N, D)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if FUSED:  # keys past the segment must not reach dQ (exp2(0 - LSE) can overflow)
+            p_t = tl.where(col_ok[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
             r = mix32((start + qi).to(tl.uint32) ^ k_row)
@@ -183,7 +190,12 @@ def attn_bwd_dkdv(
             dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do)
-        dk += tl.dot((p_t * (dp_t - delta[None, :])).to(q.dtype), q)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q)
+        if FUSED:
+            dq = tl.dot(tl.trans(ds_t), k) * sm_scale  # (BLOCK_M, D)
+            dq_ptrs = DQ32 + (start + qi).to(tl.int64)[:, None] * HD + head * D + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=(qi < length)[:, None], sem="relaxed")
     tl.store(DQKV + HD + kv_off, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DQKV + 2 * HD + kv_off, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -223,51 +235,3 @@ def attn_bwd_dq(
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k)
     tl.store(DQKV + q_off, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
 
-
-@triton.jit(do_not_specialize=["drop_thr"])
-def attn_bwd_fused(
-    QKV, DO, LSE, DELTA, DQKV, DQ32, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t,
-    stride_dot, N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
-):
-    """dK, dV and dQ in one pass over the scores (FlashAttention-2's layout): each score's exp2 and keep
-    bit are computed once instead of twice (`attn_bwd_dkdv` + `attn_bwd_dq`); dQ is accumulated with
-    fp32 atomic adds into DQ32 (N, heads, D), zeroed before, so its summation order varies from run to
-    run (as FlashAttention-2's)."""
-    pid_n, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, length = segment(CU, seq)
-    if pid_n * BLOCK_N >= length:
-        return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    col_ok = cols < length
-    keys = (start + cols).to(tl.int64)
-    kv_off = keys[:, None] * stride_t + head * D + offs_d[None, :]
-    k = tl.load(QKV + HD + kv_off, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(QKV + 2 * HD + kv_off, mask=col_ok[:, None], other=0.0)
-    if DROPOUT:
-        k_row, k_col = head_keys(KEY, head)
-        c = mix32(cols.to(tl.uint32) ^ k_col)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for m0 in range(0, length, BLOCK_M):
-        qi = m0 + offs_m
-        q, do, lse, delta = query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot,
-                                       N, D)
-        # Keys past the segment must not reach dQ: exp2(0 - LSE) can overflow for a very negative LSE.
-        p_t = tl.where(col_ok[:, None], tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0)
-        dp_t = tl.dot(v, tl.trans(do))
-        if DROPOUT:
-            r = mix32((start + qi).to(tl.uint32) ^ k_row)
-            keep = score_bits(r[None, :], c[:, None]) >= drop_thr.to(tl.uint32)
-            dv += tl.dot((tl.where(keep, p_t, 0.0) * drop_scale).to(do.dtype), do)
-            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M)
-        dk += tl.dot(ds_t, q)
-        dq = tl.dot(tl.trans(ds_t), k) * sm_scale  # (BLOCK_M, D)
-        dq_ptrs = DQ32 + (start + qi).to(tl.int64)[:, None] * HD + head * D + offs_d[None, :]
-        tl.atomic_add(dq_ptrs, dq, mask=(qi < length)[:, None], sem="relaxed")
-    tl.store(DQKV + HD + kv_off, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DQKV + 2 * HD + kv_off, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
