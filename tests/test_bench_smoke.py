@@ -321,3 +321,23 @@ def test_case_env_holds_for_the_case_and_is_restored(monkeypatch) -> None:
     with tt.case_env(c):
         assert os.environ["ROBERTA_DS_TRITON_ATTN_BWD"] == "fused" and os.environ["RDS_TEST_UNSET"] == "1"
     assert os.environ["ROBERTA_DS_TRITON_ATTN_BWD"] == "split" and "RDS_TEST_UNSET" not in os.environ
+
+
+def test_every_tuned_attention_configuration_compiles_for_the_h100_without_spills(tmp_path: Path) -> None:
+    """bench/kernel_resources.py: each kernel x configuration of triton_attention's autotune lists
+    compiles for sm_90 offline (Triton + its ptxas, no GPU) and keeps its registers: no spill bytes,
+    at most 255 per thread, and the shared memory an H100 block may take (227 KiB)."""
+    import roberta_ds.triton_attention as ta
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_resources.py"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    lists = (ta.FWD_CONFIGS, ta.DKDV_CONFIGS, ta.DQ_CONFIGS, ta.FUSED_CONFIGS)
+    assert len(rows) == sum(len(c) for c in lists)
+    assert {r["kernel"] for r in rows} == {"fwd", "dkdv", "dq", "fused"}
+    for r in rows:
+        assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 and r["shared_kib"] <= 227, r
+    assert all(r["wgmma"] for r in rows if r["kernel"] == "fwd")  # Hopper's matmuls, not mma.sync
+    assert proc.stdout.strip().splitlines()[-1].startswith("fused")
