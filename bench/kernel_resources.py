@@ -7,7 +7,10 @@ compiled offline: no GPU needed.
 Why: GPU time comes in 15-minute draws; a configuration that does not compile for sm_90, or that
 spills registers to local memory, should not wait for one to be found. Triton compiles a kernel for
 any target without a device (`triton.compile` with a `GPUTarget`), and its bundled `ptxas` reports
-each kernel's registers per thread and spill bytes. Spills are what this guards against: an
+each kernel's registers per thread and spill bytes; its `cuobjdump` gives the SASS, whose main loop
+length over the scores one thread handles per iteration is the instruction count per score (the
+kernels are bound by instruction issue, not the tensor cores: bench/NOTES.md, stop 15). Spills are
+what this guards against: an
 autotuner timing a spilling configuration only wastes its compile, but with `ROBERTA_DS_TRITON_ATTN_TUNE=0`
 the first one runs. Times still need the GPU (bench/attention_kernels.py).
 """
@@ -58,22 +61,44 @@ def compile_one(fn, args: dict, constexprs: dict, num_warps: int, num_stages: in
     from triton.compiler import ASTSource
 
     signature = {**args, **{name: "constexpr" for name in constexprs}}
+    # What a real launch tells the compiler (Triton's "D" specialization): the tensors are 16-byte
+    # aligned and the strides and widths multiples of 16 (2304 / 3072, 768 / 1024 at head size 64).
+    # Without it the loads come out one element at a time.
+    aligned = [n for n, t in args.items() if t.startswith("*") or n.startswith("stride") or n == "HD"]
     src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+                    constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+                    attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     kernel = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": num_warps,
                                                                      "num_stages": num_stages})
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
-        cmd = [str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx) + ".cubin"]
+        cmd = [str(tools / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx) + ".cubin"]
         report = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(ptx) + ".cubin"], capture_output=True,
+                              text=True, check=True).stdout
     regs = re.search(r"Used (\d+) registers", report)
     if regs is None:
         raise RuntimeError(f"ptxas -v printed no register count:\n{report}")
     return {"registers": int(regs.group(1)),
             "spill_bytes": sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report)),
-            "shared_kib": kernel.metadata.shared / 1024, "wgmma": "wgmma" in kernel.asm["ptx"]}
+            "shared_kib": kernel.metadata.shared / 1024, "wgmma": "wgmma" in kernel.asm["ptx"],
+            "loop_instructions": loop_length(sass)}
+
+
+def loop_length(sass: str) -> int:
+    """Instructions in the kernel's longest loop (a branch back to an earlier address) of the SASS:
+    the per-block work, which the key/query loop repeats."""
+    ins = [int(m.group(1), 16) for line in sass.splitlines()
+           if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
+    longest = 0
+    for line in sass.splitlines():
+        here, back = re.match(r"\s+/\*([0-9a-f]{4,})\*/", line), re.search(r"BRA (0x[0-9a-f]+)", line)
+        if here and back and int(back.group(1), 16) < int(here.group(1), 16):
+            lo, hi = int(back.group(1), 16), int(here.group(1), 16)
+            longest = max(longest, sum(1 for a in ins if lo <= a <= hi))
+    return longest
 
 
 def measure(head_dim: int = 64, dropout: bool = True) -> list[dict]:
@@ -81,8 +106,11 @@ def measure(head_dim: int = 64, dropout: bool = True) -> list[dict]:
     for name, (fn, args, extra, configs) in kernel_table().items():
         for m, n, w, s in configs:
             cx = {"D": head_dim, "BLOCK_M": m, "BLOCK_N": n, "DROPOUT": dropout, **extra}
-            rows.append({"kernel": name, "block_m": m, "block_n": n, "warps": w, "stages": s,
-                         **compile_one(fn, args, cx, w, s)})
+            row = {"kernel": name, "block_m": m, "block_n": n, "warps": w, "stages": s,
+                   **compile_one(fn, args, cx, w, s)}
+            # scores one thread handles per iteration: the block's m x n over its 32 x warps threads
+            row["instructions_per_score"] = row["loop_instructions"] / (m * n / (32 * w))
+            rows.append(row)
             print(f"[resources] {name} {m}x{n} w{w} s{s}: {rows[-1]['registers']} registers", flush=True)
     return rows
 
@@ -100,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== Triton attention kernels for sm_90 (head size {args.head_dim}, bf16, dropout "
           f"{'off' if args.no_dropout else 'on'}; compiled offline, ptxas -v)")
     print(f"{'kernel':<6} {'block':>8} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
-          f"{'smem KiB':>8} wgmma")
+          f"{'smem KiB':>8} wgmma {'loop instr':>10} {'per score':>9}")
     for r in rows:
         print(f"{r['kernel']:<6} {r['block_m']:>4}x{r['block_n']:<3} {r['warps']:>5} {r['stages']:>6} "
               f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_kib']:>8.1f} "
-              f"{'yes' if r['wgmma'] else 'no'}")
+              f"{'yes' if r['wgmma'] else 'no':>5} {r['loop_instructions']:>10} "
+              f"{r['instructions_per_score']:>9.1f}")
     return 0
 
 

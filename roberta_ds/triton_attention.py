@@ -51,13 +51,14 @@ M32 = 0xFFFFFFFF
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried once per process on the GPU (`triton.autotune`).
 # dkdv keeps a BLOCK_N block of keys resident and loops over queries; dq the other way round.
-# Only configurations that compile for sm_90 without register spills at head size 64
-# (`python bench/kernel_resources.py`, offline; a test keeps it so): the kernels use ~170-255
-# registers per thread, and most 4-warp tiles of 128 spilled.
-FWD_CONFIGS = ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 128, 8, 3))
-DKDV_CONFIGS = ((64, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3), (32, 64, 4, 3))
-DQ_CONFIGS = ((128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3))
-FUSED_CONFIGS = ((32, 128, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3))
+# Chosen offline for sm_90 at head size 64 (bench/kernel_resources.py; bench/NOTES.md, stop 15):
+# no register spills (a test keeps it so; 4-warp tiles of 128 x 64 and up spilled), and not the
+# 8-warp tiles whose first matmul is 64 rows tall: their SASS does each score's work twice (two
+# warpgroups on one 64-row wgmma tile), ~35-70 instructions per score and thread against ~16-32.
+FWD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3))
+DKDV_CONFIGS = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (128, 32, 8, 3))
+DQ_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3))
+FUSED_CONFIGS = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3))
 BACKWARDS = ("split", "fused")
 """The backward's structure, `ROBERTA_DS_TRITON_ATTN_BWD` (read per call; default split): "split" runs
 dK/dV and dQ as two kernels, each recomputing the scores' exp2 and keep bits, deterministic; "fused"
@@ -253,7 +254,7 @@ def keep_mask(key: int, head: int, rows: torch.Tensor, cols: torch.Tensor, p: fl
     within the segment, int64 -> (M, K) bool, True = kept."""
     hk = mix32(torch.tensor((key & M32) + head * 0x7F4A7C15) & M32)
     k_row, k_col = mix32(hk ^ 0x1B873593), mix32(hk ^ 0x5BD1E995)
-    r, c = mix32(rows ^ k_row), mix32(cols ^ k_col)
+    r, c = mix32(rows ^ k_row), (cols * 0x2545F491 + k_col) & M32  # the kernels' `col_hash`
     h = ((r[:, None] ^ c[None, :]) * 0x21F0AAAD) & M32  # the kernels' `score_bits`
     return (((h ^ (h >> 15)) * 0x735A2D97) & M32) >= dropout_args(p)[0]
 

@@ -8,11 +8,12 @@ returns at once. `LSE` and `DELTA` are (heads, N) fp32. Softmax runs in base 2: 
 attention scale times log2(e), and LSE holds log2 of each row's normaliser.
 
 Dropout: element (i, j) of head h (i the query's packed position, j the key's position within its
-segment) is kept when `score_bits(mix32(i ^ k_row), mix32(j ^ k_col)) >= drop_thr` as unsigned 32-bit
-numbers, with k_row, k_col from `head_keys`. The row and column hashes cost once per row or column
-of a block; per score it is `score_bits` (an xor, two multiplies, one shift-xor) and a compare: 6
-integer operations, where a Philox4x32-10 draw is about 70 per four 32-bit outputs. One multiply
-alone after the xor left a measurable 2 x 2 rectangle dependence (bench/NOTES.md, stop 15).
+segment) is kept when `score_bits(mix32(i ^ k_row), col_hash(j, k_col)) >= drop_thr` as unsigned
+32-bit numbers, with k_row, k_col from `head_keys`. The row hash costs once per row of a block, the
+column hash one multiply-add per column a thread holds; per score it is `score_bits` (an xor, two
+multiplies, one shift-xor), a compare and a select: ~7 instructions, where a Philox4x32-10 draw is
+about 70 per four 32-bit outputs. One multiply alone after the xor left a measurable 2 x 2 rectangle
+dependence (bench/NOTES.md, stop 15).
 `triton_attention.keep_mask` is the same function in torch for the tests.
 """
 
@@ -40,6 +41,14 @@ def score_bits(r, c):
 
 
 @triton.jit
+def col_hash(cols, k_col):
+    """A key column's half of the keep bits: one multiply-add. Each thread holds many columns of a
+    block, so a full `mix32` here cost ~5 instructions per score (counted in the SASS); `score_bits`
+    mixes enough after the xor with the row's full hash (statistics: bench/NOTES.md, stop 15)."""
+    return cols.to(tl.uint32) * 0x2545F491 + k_col
+
+
+@triton.jit
 def head_keys(KEY, head):
     """The call's key (a device scalar: nothing syncs) and the head -> (k_row, k_col), uint32."""
     hk = mix32(tl.load(KEY).to(tl.uint32) + head.to(tl.uint32) * 0x7F4A7C15)
@@ -55,19 +64,19 @@ def fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, r, k_col, n0, start, length, qk_
     keys = (start + cols).to(tl.int64)
     if MASKED:
         col_ok = cols < length
-        k = tl.load(k_ptrs + keys[None, :] * stride_t, mask=col_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs + keys[:, None] * stride_t, mask=col_ok[:, None], other=0.0)
         v = tl.load(v_ptrs + keys[:, None] * stride_t, mask=col_ok[:, None], other=0.0)
-        s = tl.where(col_ok[None, :], tl.dot(q, k), float("-inf"))  # (BLOCK_M, BLOCK_N), unscaled
+        s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))  # (BLOCK_M, BLOCK_N), unscaled
     else:
-        k = tl.load(k_ptrs + keys[None, :] * stride_t)
+        k = tl.load(k_ptrs + keys[:, None] * stride_t)
         v = tl.load(v_ptrs + keys[:, None] * stride_t)
-        s = tl.dot(q, k)
+        s = tl.dot(q, tl.trans(k))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score
     l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, dropped or not
     if DROPOUT:
-        c = mix32(cols.to(tl.uint32) ^ k_col)
+        c = col_hash(cols, k_col)
         p = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -87,7 +96,8 @@ def attn_fwd(
     row_ok = offs_m < length
     rows = (start + offs_m).to(tl.int64)
     q = tl.load(QKV + rows[:, None] * stride_t + head * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    k_ptrs = QKV + HD + head * D + offs_d[:, None]  # K^T: (D, BLOCK_N) once offset by the key rows
+    # K and V load as (BLOCK_N, D) tiles, D contiguous (16-byte asynchronous copies in the SASS).
+    k_ptrs = QKV + HD + head * D + offs_d[None, :]
     v_ptrs = QKV + 2 * HD + head * D + offs_d[None, :]
     k_col = 0
     r = offs_m
@@ -172,7 +182,7 @@ def attn_bwd_dkdv(
     v = tl.load(QKV + 2 * HD + kv_off, mask=col_ok[:, None], other=0.0)
     if DROPOUT:
         k_row, k_col = head_keys(KEY, head)
-        c = mix32(cols.to(tl.uint32) ^ k_col)
+        c = col_hash(cols, k_col)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for m0 in range(0, length, BLOCK_M):
@@ -186,7 +196,7 @@ def attn_bwd_dkdv(
         if DROPOUT:
             r = mix32((start + qi).to(tl.uint32) ^ k_row)
             keep = score_bits(r[None, :], c[:, None]) >= drop_thr.to(tl.uint32)
-            dv += tl.dot((tl.where(keep, p_t, 0.0) * drop_scale).to(do.dtype), do)
+            dv += tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do)  # 1 / (1 - p) once, at the store
             dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do)
@@ -197,7 +207,7 @@ def attn_bwd_dkdv(
             dq_ptrs = DQ32 + (start + qi).to(tl.int64)[:, None] * HD + head * D + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq, mask=(qi < length)[:, None], sem="relaxed")
     tl.store(DQKV + HD + kv_off, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DQKV + 2 * HD + kv_off, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DQKV + 2 * HD + kv_off, (dv * drop_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["drop_thr"])
@@ -230,7 +240,7 @@ def attn_bwd_dq(
         p = tl.where(col_ok[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            c = mix32(cols.to(tl.uint32) ^ k_col)
+            c = col_hash(cols, k_col)
             dp = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), dp * drop_scale, 0.0)
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k)
     tl.store(DQKV + q_off, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
