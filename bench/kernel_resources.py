@@ -58,6 +58,7 @@ def compile_one(fn, args: dict, constexprs: dict, num_warps: int, num_stages: in
     """Compile for TARGET and run ptxas -v on the PTX -> registers, spill bytes, shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     signature = {**args, **{name: "constexpr" for name in constexprs}}
@@ -70,14 +71,16 @@ def compile_one(fn, args: dict, constexprs: dict, num_warps: int, num_stages: in
                     attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     kernel = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": num_warps,
                                                                      "num_stages": num_stages})
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # The ptxas Triton itself uses for this target (3.9 emits PTX 9.x, which only its CUDA 13 ptxas
+    # reads), and the cuobjdump beside it.
+    ptxas = Path(get_ptxas(TARGET[1]).path)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
-        cmd = [str(tools / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx) + ".cubin"]
+        cmd = [str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(ptx) + ".cubin"]
         report = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(ptx) + ".cubin"], capture_output=True,
-                              text=True, check=True).stdout
+        sass = subprocess.run([str(ptxas.parent / "cuobjdump"), "-sass", str(ptx) + ".cubin"],
+                              capture_output=True, text=True, check=True).stdout
     regs = re.search(r"Used (\d+) registers", report)
     if regs is None:
         raise RuntimeError(f"ptxas -v printed no register count:\n{report}")
