@@ -73,7 +73,10 @@ def compile_one(fn, args: dict, constexprs: dict, num_warps: int, num_stages: in
                                                                      "num_stages": num_stages})
     # The ptxas Triton itself uses for this target (3.9 emits PTX 9.x, which only its CUDA 13 ptxas
     # reads), and the cuobjdump beside it.
-    ptxas = Path(get_ptxas(TARGET[1]).path)
+    try:
+        ptxas = Path(get_ptxas(TARGET[1]).path)
+    except TypeError:  # Triton <= 3.5: one ptxas for every target
+        ptxas = Path(get_ptxas().path)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
