@@ -87,5 +87,17 @@ def precision(ds: dict[str, Any]) -> str:
     return "fp32"
 
 
+def check_precision_runs(ds: dict[str, Any], source: str, device: str, fp16_ok: bool, bf16_ok: bool) -> None:
+    """Refuse a 16-bit mode the device cannot run, naming the config and the shipped one that runs.
+
+    DeepSpeed refuses it too, but only with "Type fp16 is not supported on your device." and a
+    traceback. On a CPU, fp16 depends on the processor (AVX512-FP16/AMX; DeepSpeed asks oneDNN)."""
+    mode = precision(ds)
+    if (mode == "fp16" and not fp16_ok) or (mode == "bf16" and not bf16_ok):
+        fix = "ds_configs/zero2_bf16.json" if mode == "fp16" and bf16_ok else "a config without fp16 and bf16 (fp32)"
+        raise ConfigError(f"{source}: {mode} is enabled, but DeepSpeed cannot run {mode} on this {device}; "
+                          f"use {fix}")
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -39,7 +39,7 @@ from roberta_ds.config import (
     load_train_config,
     resolve_auto,
 )
-from roberta_ds.ds_config import batch_plan, load_ds_config, precision, zero_stage
+from roberta_ds.ds_config import batch_plan, check_precision_runs, load_ds_config, precision, zero_stage
 from roberta_ds.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.errors import ConfigError, UserError
 from roberta_ds.faults import Faults
@@ -118,6 +118,7 @@ def _scan_token_range(data: Any, vocab_size: int, rank: int, world: int) -> str 
 
 def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from roberta_ds.data import open_train_data
     from roberta_ds.model import RobertaMLM
@@ -135,6 +136,9 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    accel = get_accelerator()
+    check_precision_runs(ds, f"ds_config {cfg.ds_config}", "GPU" if cuda else "CPU",
+                         accel.is_fp16_supported(), accel.is_bf16_supported())
     # "auto" attention kernel and padding-free layers: on where FlashAttention-2's varlen kernel runs
     # (a GPU in bf16, fp16 or a 16-bit autocast), decided once so the model and the loader agree.
     cfg = dataclasses.replace(cfg, model=resolve_auto(cfg.model, cuda and precision(ds) != "fp32"))

@@ -37,7 +37,7 @@ from roberta_ds.config import (
     model_config,
     train_config_from_dict,
 )
-from roberta_ds.ds_config import batch_plan, load_ds_config, precision, zero_stage
+from roberta_ds.ds_config import batch_plan, check_precision_runs, load_ds_config, precision, zero_stage
 from roberta_ds.errors import CheckpointError, ConfigError
 from roberta_ds.model import RobertaMLM
 from roberta_ds.optim import GuardedAdamW, lr_at, param_groups
@@ -293,6 +293,21 @@ SHIPPED = {  # name: (precision, ZeRO stage)
     "zero2_fp16": ("fp16", 2),
     "zero2_offload": ("bf16", 2),
 }
+
+
+def test_a_precision_the_device_cannot_run_is_refused_naming_the_config() -> None:
+    """fp16 on a CPU without native fp16 (DeepSpeed asks oneDNN: AVX512-FP16/AMX) is refused before
+    DeepSpeed's own bare ValueError, naming the config and the shipped one that runs."""
+    fp16 = load_ds_config(DS_CONFIGS / "zero2_fp16.json")
+    bf16 = load_ds_config(DS_CONFIGS / "zero2_bf16.json")
+    with pytest.raises(ConfigError, match=r"^ds_config x\.json: fp16 is enabled, but DeepSpeed cannot run fp16 "
+                                          r"on this CPU; use ds_configs/zero2_bf16\.json$"):
+        check_precision_runs(fp16, "ds_config x.json", "CPU", fp16_ok=False, bf16_ok=True)
+    with pytest.raises(ConfigError, match=r"bf16 is enabled, .* use a config without fp16 and bf16 \(fp32\)$"):
+        check_precision_runs(bf16, "ds_config y.json", "GPU", fp16_ok=True, bf16_ok=False)
+    check_precision_runs(fp16, "x", "CPU", fp16_ok=True, bf16_ok=False)
+    check_precision_runs(bf16, "x", "CPU", fp16_ok=False, bf16_ok=True)
+    check_precision_runs({}, "x", "CPU", fp16_ok=False, bf16_ok=False)  # fp32 runs anywhere
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
