@@ -87,24 +87,26 @@ def compile_one(fn, args: dict, constexprs: dict, num_warps: int, num_stages: in
     regs = re.search(r"Used (\d+) registers", report)
     if regs is None:
         raise RuntimeError(f"ptxas -v printed no register count:\n{report}")
+    loop = main_loop(sass)
     return {"registers": int(regs.group(1)),
             "spill_bytes": sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", report)),
+            # spill traffic where it repeats: local-memory loads and stores in the main loop
+            "loop_spill_ops": sum(1 for line in loop if re.search(r"\b(LDL|STL)\b", line)),
             "shared_kib": kernel.metadata.shared / 1024, "wgmma": "wgmma" in kernel.asm["ptx"],
-            "loop_instructions": loop_length(sass)}
+            "loop_instructions": len(loop)}
 
 
-def loop_length(sass: str) -> int:
-    """Instructions in the kernel's longest loop (a branch back to an earlier address) of the SASS:
-    the per-block work, which the key/query loop repeats."""
-    ins = [int(m.group(1), 16) for line in sass.splitlines()
-           if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
-    longest = 0
-    for line in sass.splitlines():
-        here, back = re.match(r"\s+/\*([0-9a-f]{4,})\*/", line), re.search(r"BRA (0x[0-9a-f]+)", line)
-        if here and back and int(back.group(1), 16) < int(here.group(1), 16):
-            lo, hi = int(back.group(1), 16), int(here.group(1), 16)
-            longest = max(longest, sum(1 for a in ins if lo <= a <= hi))
-    return longest
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the kernel's longest loop (a branch back to an earlier address) in the
+    SASS: the per-block work, which the key/query loop repeats."""
+    lines = [(int(m.group(1), 16), line) for line in sass.splitlines()
+             if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+\S", line))]
+    lo, hi = 0, -1
+    for here, line in lines:
+        back = re.search(r"BRA (0x[0-9a-f]+)", line)
+        if back and int(back.group(1), 16) < here and here - int(back.group(1), 16) > hi - lo:
+            lo, hi = int(back.group(1), 16), here
+    return [line for a, line in lines if lo <= a <= hi]
 
 
 def measure(head_dim: int = 64, dropout: bool = True) -> list[dict]:
@@ -133,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"\n== Triton attention kernels for sm_90 (head size {args.head_dim}, bf16, dropout "
           f"{'off' if args.no_dropout else 'on'}; compiled offline, ptxas -v)")
-    print(f"{'kernel':<6} {'block':>8} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
+    print(f"{'kernel':<6} {'block':>8} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'in loop':>7} "
           f"{'smem KiB':>8} wgmma {'loop instr':>10} {'per score':>9}")
     for r in rows:
         print(f"{r['kernel']:<6} {r['block_m']:>4}x{r['block_n']:<3} {r['warps']:>5} {r['stages']:>6} "
-              f"{r['registers']:>5} {r['spill_bytes']:>7} {r['shared_kib']:>8.1f} "
+              f"{r['registers']:>5} {r['spill_bytes']:>7} {r['loop_spill_ops']:>7} {r['shared_kib']:>8.1f} "
               f"{'yes' if r['wgmma'] else 'no':>5} {r['loop_instructions']:>10} "
               f"{r['instructions_per_score']:>9.1f}")
     return 0
