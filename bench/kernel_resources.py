@@ -32,9 +32,9 @@ if str(REPO) not in sys.path:
 
 TARGET = ("cuda", 90, 32)  # H100: compute capability 9.0, warp size 32
 
-_BWD_ARGS = {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQKV": "*bf16"}
-_SCALARS = {"qk_scale": "fp32", "sm_scale": "fp32", "drop_thr": "i32", "drop_scale": "fp32",
-            "stride_t": "i32", "stride_dot": "i32", "N": "i32", "HD": "i32"}
+_BWD_ARGS = {"QKV": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "ROWH": "*i32", "DQKV": "*bf16"}
+_SCALARS = {"qk_scale": "fp32", "sm_scale": "fp32", "drop_thr": "i32", "stride_t": "i32", "stride_dot": "i32",
+            "N": "i32", "HD": "i32"}
 
 
 def kernel_table():

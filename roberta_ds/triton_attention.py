@@ -162,23 +162,30 @@ def _backward(dout, qkv, out, lse, offsets, key, max_len: int, p: float) -> torc
     kern = _kernels()
     thr, scale = dropout_args(p)
     segments = offsets.numel() - 1
+    # per row and head (attn_bwd_delta): delta (1 - p); with dropout also LSE + log2(1 - p) and the keep
+    # bits' row hashes
     delta = torch.empty((h, n), device=qkv.device, dtype=torch.float32)
+    lseb = torch.empty_like(lse) if p > 0 else lse
+    rowh = torch.empty((h, n) if p > 0 else (0,), device=qkv.device, dtype=torch.int32)
     kern.delta[(triton.cdiv(n, kern.delta_block), h)](
-        out, dout, delta, out.stride(0), dout.stride(0), n, D=d, BLOCK=kern.delta_block
+        out, dout, lse, delta, lseb, rowh, key, scale, out.stride(0), dout.stride(0), n, D=d,
+        BLOCK=kern.delta_block, DROPOUT=p > 0,
     )
-    consts = (key, d**-0.5 * LOG2E, d**-0.5, thr, scale, qkv.stride(0), dout.stride(0), n, h * d)
+    consts = (key, d**-0.5 * LOG2E, d**-0.5, thr, qkv.stride(0), dout.stride(0), n, h * d)
     if backward_kind() == "fused":
         dq32 = torch.zeros((n, h, d), device=qkv.device, dtype=torch.float32)
         kern.fused[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), segments, h)](
-            qkv, dout, lse, delta, dqkv, dq32, offsets, *consts, D=d, DROPOUT=p > 0, FUSED=True, **kern.meta
+            qkv, dout, lseb, delta, rowh, dqkv, dq32, offsets, *consts, D=d, DROPOUT=p > 0, FUSED=True,
+            **kern.meta,
         )
         dqkv[:, 0].copy_(dq32)
         return dqkv
     kern.dkdv[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), segments, h)](
-        qkv, dout, lse, delta, dqkv, dqkv, offsets, *consts, D=d, DROPOUT=p > 0, FUSED=False, **kern.meta
+        qkv, dout, lseb, delta, rowh, dqkv, dqkv, offsets, *consts, D=d, DROPOUT=p > 0, FUSED=False,
+        **kern.meta,
     )  # (DQ32 unused: dqkv in its place)
     kern.dq[lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), segments, h)](
-        qkv, dout, lse, delta, dqkv, offsets, *consts, D=d, DROPOUT=p > 0, **kern.meta
+        qkv, dout, lseb, delta, rowh, dqkv, offsets, *consts, D=d, DROPOUT=p > 0, **kern.meta
     )
     return dqkv
 

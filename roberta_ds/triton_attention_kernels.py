@@ -5,7 +5,8 @@ elements from one token to the next; q, k and v of head h start at h * D, HD + h
 2 * HD + h * D (HD = heads x D). `CU` holds S + 1 int32 segment offsets; every program handles one
 (block, segment, head): grid (cdiv(max_len, BLOCK), S, heads), and a block past its segment's end
 returns at once. `LSE` and `DELTA` are (heads, N) fp32. Softmax runs in base 2: `qk_scale` is the
-attention scale times log2(e), and LSE holds log2 of each row's normaliser.
+attention scale times log2(e), and LSE holds log2 of each row's normaliser. The backward kernels read
+the rows as `attn_bwd_delta` prepares them: with dropout, LSE - log2(1 / (1 - p)) and delta (1 - p).
 
 Dropout: element (i, j) of head h (i the query's packed position, j the key's position within its
 segment) is kept when `score_bits(mix32(i ^ k_row), col_hash(j, k_col)) >= drop_thr` as unsigned
@@ -123,8 +124,17 @@ def attn_fwd(
 
 
 @triton.jit
-def attn_bwd_delta(O, DO, DELTA, stride_ot, stride_dot, N, D: tl.constexpr, BLOCK: tl.constexpr):
-    """delta_i = dO_i . O_i (= sum_j P_ij dP_ij, dropout included) per row and head."""
+def attn_bwd_delta(O, DO, LSE, DELTA, LSEB, ROWH, KEY, drop_scale, stride_ot, stride_dot, N, D: tl.constexpr,
+                   BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
+    """Per row and head, what the backward kernels read: delta_i = dO_i . O_i (= sum_j P_ij dP_ij,
+    dropout included) over s = 1 / (1 - p); with dropout also LSEB = LSE - log2(s), so that exp2(score -
+    LSEB) is s P, and the row half of the keep bits, mix32(i ^ k_row), into ROWH (heads, N) uint32
+    (stored as int32).
+
+    Why: the kernels then take s P straight from their exp2 (dS = s P (keep dP - delta / s), dV = sum
+    keep s P dO) instead of a multiply by s per score; and the dK/dV loop, which runs over queries
+    with ~16 of them per thread and block, no longer hashes them: that cost ~4.5 instructions per
+    score in its SASS (64 x 128), here it is once per row."""
     head = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
@@ -132,7 +142,13 @@ def attn_bwd_delta(O, DO, DELTA, stride_ot, stride_dot, N, D: tl.constexpr, BLOC
     rows = offs.to(tl.int64)
     o = tl.load(O + rows[:, None] * stride_ot + head * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * stride_dot + head * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + head * N + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    tl.store(DELTA + head * N + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) / drop_scale, mask=ok)
+    if DROPOUT:
+        lse = tl.load(LSE + head * N + offs, mask=ok, other=0.0)
+        tl.store(LSEB + head * N + offs, lse - tl.log2(drop_scale), mask=ok)
+        k_row, _ = head_keys(KEY, head)
+        r = mix32(offs.to(tl.uint32) ^ k_row)
+        tl.store(ROWH + head * N + offs, r.to(tl.int32, bitcast=True), mask=ok)
 
 
 @triton.jit
@@ -143,9 +159,10 @@ def segment(CU, seq):
 
 
 @triton.jit
-def query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot, N, D: tl.constexpr):
-    """q, dO (BLOCK, D) and LSE, delta (BLOCK,) of the segment's queries `qi`. Rows past the segment
-    load q = dO = 0 and LSE = delta = 0, so their terms in dK and dV vanish."""
+def query_rows(QKV, DO, LSE, DELTA, ROWH, start, qi, length, head, stride_t, stride_dot, N, D: tl.constexpr,
+               DROPOUT: tl.constexpr):
+    """q, dO (BLOCK, D) and LSE, delta, the row hashes (BLOCK,) of the segment's queries `qi`. Rows past
+    the segment load q = dO = 0 and LSE = delta = 0, so their terms in dK and dV vanish."""
     row_ok = qi < length
     rows = (start + qi).to(tl.int64)
     offs_d = tl.arange(0, D)
@@ -154,12 +171,15 @@ def query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_do
                  other=0.0)
     lse = tl.load(LSE + head * N + start + qi, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + head * N + start + qi, mask=row_ok, other=0.0)
-    return q, do, lse, delta
+    r = qi
+    if DROPOUT:
+        r = tl.load(ROWH + head * N + start + qi, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+    return q, do, lse, delta, r
 
 
 @triton.jit(do_not_specialize=["drop_thr"])
 def attn_bwd_dkdv(
-    QKV, DO, LSE, DELTA, DQKV, DQ32, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t,
+    QKV, DO, LSE, DELTA, ROWH, DQKV, DQ32, CU, KEY, qk_scale, sm_scale, drop_thr, stride_t,
     stride_dot, N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
     FUSED: tl.constexpr,
 ):
@@ -181,23 +201,22 @@ def attn_bwd_dkdv(
     k = tl.load(QKV + HD + kv_off, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
     v = tl.load(QKV + 2 * HD + kv_off, mask=col_ok[:, None], other=0.0)
     if DROPOUT:
-        k_row, k_col = head_keys(KEY, head)
+        _, k_col = head_keys(KEY, head)
         c = col_hash(cols, k_col)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for m0 in range(0, length, BLOCK_M):
         qi = m0 + offs_m
-        q, do, lse, delta = query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot,
-                                       N, D)
+        q, do, lse, delta, r = query_rows(QKV, DO, LSE, DELTA, ROWH, start, qi, length, head, stride_t,
+                                          stride_dot, N, D, DROPOUT)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if FUSED:  # keys past the segment must not reach dQ (exp2(0 - LSE) can overflow)
             p_t = tl.where(col_ok[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
-            r = mix32((start + qi).to(tl.uint32) ^ k_row)
             keep = score_bits(r[None, :], c[:, None]) >= drop_thr.to(tl.uint32)
-            dv += tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do)  # 1 / (1 - p) once, at the store
-            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+            dv += tl.dot(tl.where(keep, p_t, 0.0).to(do.dtype), do)  # p_t = s P: LSE is LSEB here
+            dp_t = tl.where(keep, dp_t, 0.0)
         else:
             dv += tl.dot(p_t.to(do.dtype), do)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
@@ -207,12 +226,12 @@ def attn_bwd_dkdv(
             dq_ptrs = DQ32 + (start + qi).to(tl.int64)[:, None] * HD + head * D + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq, mask=(qi < length)[:, None], sem="relaxed")
     tl.store(DQKV + HD + kv_off, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DQKV + 2 * HD + kv_off, (dv * drop_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DQKV + 2 * HD + kv_off, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["drop_thr"])
 def attn_bwd_dq(
-    QKV, DO, LSE, DELTA, DQKV, CU, KEY, qk_scale, sm_scale, drop_thr, drop_scale, stride_t, stride_dot,
+    QKV, DO, LSE, DELTA, ROWH, DQKV, CU, KEY, qk_scale, sm_scale, drop_thr, stride_t, stride_dot,
     N, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ of one block of queries: a loop over the segment's keys."""
@@ -225,10 +244,10 @@ def attn_bwd_dq(
     offs_d = tl.arange(0, D)
     row_ok = qi < length
     q_off = (start + qi).to(tl.int64)[:, None] * stride_t + head * D + offs_d[None, :]
-    q, do, lse, delta = query_rows(QKV, DO, LSE, DELTA, start, qi, length, head, stride_t, stride_dot, N, D)
+    q, do, lse, delta, r = query_rows(QKV, DO, LSE, DELTA, ROWH, start, qi, length, head, stride_t,
+                                      stride_dot, N, D, DROPOUT)
     if DROPOUT:
-        k_row, k_col = head_keys(KEY, head)
-        r = mix32((start + qi).to(tl.uint32) ^ k_row)
+        _, k_col = head_keys(KEY, head)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(0, length, BLOCK_N):
         cols = n0 + offs_n
@@ -241,7 +260,7 @@ def attn_bwd_dq(
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             c = col_hash(cols, k_col)
-            dp = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), dp * drop_scale, 0.0)
+            dp = tl.where(score_bits(r[:, None], c[None, :]) >= drop_thr.to(tl.uint32), dp, 0.0)
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k)
     tl.store(DQKV + q_off, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
 
