@@ -92,9 +92,11 @@ def check_precision_runs(ds: dict[str, Any], source: str, device: str, fp16_ok: 
 
     DeepSpeed refuses it too, but only with "Type fp16 is not supported on your device." and a
     traceback. On a CPU, fp16 depends on the processor (AVX512-FP16/AMX; DeepSpeed asks oneDNN)."""
+    ok = {"fp16": fp16_ok, "bf16": bf16_ok}
     mode = precision(ds)
-    if (mode == "fp16" and not fp16_ok) or (mode == "bf16" and not bf16_ok):
-        fix = "ds_configs/zero2_bf16.json" if mode == "fp16" and bf16_ok else "a config without fp16 and bf16 (fp32)"
+    if not ok.get(mode, True):
+        other = "bf16" if mode == "fp16" else "fp16"  # a V100 runs fp16, not bf16
+        fix = f"ds_configs/zero2_{other}.json" if ok[other] else "a config without fp16 and bf16 (fp32)"
         raise ConfigError(f"{source}: {mode} is enabled, but DeepSpeed cannot run {mode} on this {device}; "
                           f"use {fix}")
 

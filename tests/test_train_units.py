@@ -296,15 +296,18 @@ SHIPPED = {  # name: (precision, ZeRO stage)
 
 
 def test_a_precision_the_device_cannot_run_is_refused_naming_the_config() -> None:
-    """fp16 on a CPU without native fp16 (DeepSpeed asks oneDNN: AVX512-FP16/AMX) is refused before
-    DeepSpeed's own bare ValueError, naming the config and the shipped one that runs."""
+    """fp16 on a CPU without native fp16 (DeepSpeed asks oneDNN: AVX512-FP16/AMX), or bf16 on a GPU
+    without it (a V100), is refused before DeepSpeed's own bare ValueError, naming the config and the
+    shipped one that runs."""
     fp16 = load_ds_config(DS_CONFIGS / "zero2_fp16.json")
     bf16 = load_ds_config(DS_CONFIGS / "zero2_bf16.json")
     with pytest.raises(ConfigError, match=r"^ds_config x\.json: fp16 is enabled, but DeepSpeed cannot run fp16 "
                                           r"on this CPU; use ds_configs/zero2_bf16\.json$"):
         check_precision_runs(fp16, "ds_config x.json", "CPU", fp16_ok=False, bf16_ok=True)
-    with pytest.raises(ConfigError, match=r"bf16 is enabled, .* use a config without fp16 and bf16 \(fp32\)$"):
+    with pytest.raises(ConfigError, match=r"bf16 on this GPU; use ds_configs/zero2_fp16\.json$"):
         check_precision_runs(bf16, "ds_config y.json", "GPU", fp16_ok=True, bf16_ok=False)
+    with pytest.raises(ConfigError, match=r"fp16 on this CPU; use a config without fp16 and bf16 \(fp32\)$"):
+        check_precision_runs(fp16, "ds_config x.json", "CPU", fp16_ok=False, bf16_ok=False)
     check_precision_runs(fp16, "x", "CPU", fp16_ok=True, bf16_ok=False)
     check_precision_runs(bf16, "x", "CPU", fp16_ok=False, bf16_ok=True)
     check_precision_runs({}, "x", "CPU", fp16_ok=False, bf16_ok=False)  # fp32 runs anywhere
