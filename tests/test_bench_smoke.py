@@ -351,8 +351,8 @@ def test_every_tuned_attention_configuration_compiles_for_the_h100_without_spill
 
 
 def test_spill_traffic_in_the_main_loop_is_seen() -> None:
-    """The check above can fail: a 4-warp 128 x 128 forward tile (kept out of the lists for this)
-    spills inside its key loop, and `loop_spill_ops` counts those local loads and stores. In a
+    """The check above can fail: a 4-warp 128 x 128 forward tile spills inside its key loop (which is
+    why the lists leave it out), and `loop_spill_ops` counts those local loads and stores. In a
     subprocess: conftest has this process's Triton interpret, not compile."""
     code = ("import json, kernel_resources as kr; fn, args, extra, _ = kr.kernel_table()['fwd']; "
             "print(json.dumps(kr.compile_one(fn, args, {'D': 64, 'BLOCK_M': 128, 'BLOCK_N': 128, "

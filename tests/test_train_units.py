@@ -301,8 +301,8 @@ def test_a_precision_the_device_cannot_run_is_refused_naming_the_config() -> Non
     shipped one that runs."""
     fp16 = load_ds_config(DS_CONFIGS / "zero2_fp16.json")
     bf16 = load_ds_config(DS_CONFIGS / "zero2_bf16.json")
-    with pytest.raises(ConfigError, match=r"^ds_config x\.json: fp16 is enabled, but DeepSpeed cannot run fp16 "
-                                          r"on this CPU; use ds_configs/zero2_bf16\.json$"):
+    with pytest.raises(ConfigError, match=r"^ds_config x\.json: fp16 is enabled, but DeepSpeed cannot run "
+                                          r"fp16 on this CPU; use ds_configs/zero2_bf16\.json$"):
         check_precision_runs(fp16, "ds_config x.json", "CPU", fp16_ok=False, bf16_ok=True)
     with pytest.raises(ConfigError, match=r"bf16 on this GPU; use ds_configs/zero2_fp16\.json$"):
         check_precision_runs(bf16, "ds_config y.json", "GPU", fp16_ok=True, bf16_ok=False)
