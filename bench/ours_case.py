@@ -49,7 +49,8 @@ def trainer_argv(
         *c.sets,
         *extra,
     ]
-    argv = ["--ds-config", str(REPO / "ds_configs" / f"zero{c.zero}_bf16.json"), "--resume", "none"]
+    dtype = "fp16" if c.precision == "fp16" else "bf16"
+    argv = ["--ds-config", str(REPO / "ds_configs" / f"zero{c.zero}_{dtype}.json"), "--resume", "none"]
     for s in ds:
         argv += ["--ds-set", s]
     for s in sets:
@@ -84,6 +85,13 @@ def grad_accum_path(optimizer: Any) -> str | None:
     kernels = (1 if fused else 2) + (0 if hooked else 1)
     how = ("fused" if fused else "cast+add") + (", hooks" if hooked else "")
     return f"fp32 accumulation {kernels} kernel(s)/tensor ({how})"
+
+
+def _float_or_none(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def close_trainer(trainer: Any) -> None:
@@ -195,6 +203,9 @@ def run_ours(c: Case, opts: argparse.Namespace, tok: Path, train: Path) -> dict[
                 "syncs_per_step": syncs,
                 "micro_per_step": plan.grad_accum,
                 "steps_per_window": steps,
+                # fp16: the dynamic loss scale after the run and the steps it skipped on overflow
+                "loss_scale": _float_or_none(getattr(rt.engine.optimizer, "loss_scale", None)),
+                "skipped_steps": int(getattr(rt.engine, "skipped_steps", 0) or 0),
             }
         )
         return row

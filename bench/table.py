@@ -103,6 +103,8 @@ def format_table(rows: list[dict[str, Any]], gpu: bool) -> str:
                 f"{fmt_rate(r['timed_tokens_per_s'])}/s); "
                 f"windows {fmt_rate(r['tokens_per_s_min'])}..{fmt_rate(r['tokens_per_s_max'])}; "
                 f"syncs/step {syncs} ({r['micro_per_step']} micro)"
+                + (f"; loss scale {r['loss_scale']:g}, {r['skipped_steps']} step(s) skipped"
+                   if r["precision"] == "ds-fp16" and r.get("loss_scale") is not None else "")
             )
     for r in rows:
         if r.get("status") != "ok":

@@ -55,7 +55,7 @@ for p in (str(REPO), str(REPO / "bench")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from cases import BY_NAME, Case, blocked_by, model_label, preset_of, resolve, steps_for
+from cases import BY_NAME, Case, blocked_by, goal_on, model_label, preset_of, resolve, steps_for
 from ours_case import run_ours
 from parity import run_parity
 from synthetic_data import prepare_data
@@ -89,14 +89,15 @@ def run_case(c: Case, opts: argparse.Namespace) -> dict[str, Any]:
     from roberta_ds.ds_config import load_ds_config
 
     tok, train = opts.work / "tokenizer", opts.work / "shards" / "train"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     head = {
         "case": c.name,
         "model": model_label(c),
         "seq": c.seq,
         "micro": c.micro,
         "accum": c.accum,
-        "goal": c.goal,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "goal": goal_on(c.goal, device),
+        "device": device,
         **({"env": {k: os.environ.get(k) for k, _ in c.env}} if c.env else {}),  # as this process saw it
     }
     t0 = time.perf_counter()
