@@ -3,7 +3,7 @@
 # one call, on one card, compile warm-ups inside, the final table printed last.
 #
 # On the workstation, once (fills the git-ignored .whl/ with deepspeed 0.19.8, hjson, pydantic; ~5 MB):
-#     bash ../shared/gpu/prepare-wheels.sh
+#     bash scripts/gpu_wheels.sh
 # Then ONE device call (the session's `run` tool), carry [".whl"], timeout_s 600:
 #     bash bench/gpu_run.sh
 # Only if device time is left and the machine is still warm (compiled kernels cached in
@@ -12,9 +12,7 @@
 #     bash bench/gpu_run.sh --cases hf_base512_m64 <the skipped cases...>
 # CPU check of this script (tiny models): SKIP_WHEELS=1 OUT=/tmp/o bash bench/gpu_run.sh --smoke --cases ...
 #
-# First bench/model_check.py (CHECK_S, default 100 s; SKIP_CHECK=1 skips it); with ATTN=1 then
-# bench/attention_kernels.py (our Triton attention against FlashAttention-2 alone, ATTN_S, default
-# 120 s; attention.{log,json}); then the cases.
+# First bench/model_check.py (CHECK_S, default 100 s; SKIP_CHECK=1 skips it); then the cases.
 # Comes back under $OUT: model_check.{log,json}, table.txt (the final table), results.json (every row), run.log,
 # logs/<case>.log (one per case process), profile_<case>.txt (torch.profiler, one optimizer step of the first
 # case of each model size: base and large).
@@ -31,11 +29,11 @@ mkdir -p "$OUT"
 if [ -z "${SKIP_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl \
-    || { echo "no wheels: run bash ../shared/gpu/prepare-wheels.sh here and carry .whl"; exit 1; }
+    || { echo "no wheels: run bash scripts/gpu_wheels.sh here and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# DeepSpeed's JIT builds misparse the arch "9.0a" (../shared/gpu/README.md); none is expected, to be safe.
+# DeepSpeed's JIT builds misparse the arch "9.0a" (bench/NOTES.md); none is expected, to be safe.
 export TORCH_CUDA_ARCH_LIST=9.0
 # A second call on the same warm machine reuses the compiled kernels.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
@@ -48,8 +46,6 @@ torch.version.cuda, 'deepspeed', deepspeed.__version__, 'transformers', t.__vers
 SMOKE=""; for a in "$@"; do [ "$a" = "--smoke" ] && SMOKE=--smoke; done
 [ -n "${SKIP_CHECK:-}" ] || timeout "${CHECK_S:-100}" python3 bench/model_check.py $SMOKE \
   --json "$OUT/model_check.json" 2>&1 | tee "$OUT/model_check.log" | grep -v '^USDT\|^STAGE:'
-[ -z "${ATTN:-}" ] || timeout "${ATTN_S:-120}" python3 bench/attention_kernels.py $SMOKE \
-  --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
 python3 bench/train_throughput.py --budget-s "${BUDGET_S:-430}" --work /tmp/roberta-ds-bench \
   --logs "$OUT/logs" --json "$OUT/results.json" --profile "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}

@@ -3,8 +3,8 @@
 # Here, once: bash scripts/gpu_wheels.sh   (fills the git-ignored .whl/ with deepspeed and its needs)
 #   call 1: carry [".whl"], timeout_s 590:  bash bench/gpu_session.sh 1
 #   call 2: carry [".whl"], timeout_s = what is left - 20:  DEADLINE_S=<timeout - 25> bash bench/gpu_session.sh 2
-# Under $OUT: session.log (everything), tests.log, attention.{log,json}, results_call<N>.json,
-# logs.tgz (one log per case and the torch.profiler tables). The tables are printed last.
+# Under $OUT: session.log (everything), tests.log, results_call<N>.json,
+# logs.tgz (one log per case and the torch.profiler tables). The table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 phase=${1:?phase 1 or 2}
@@ -17,9 +17,8 @@ if [ -z "${SKIP_WHEELS:-}" ]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-# Kept on the warm machine between the two calls: inductor's and Triton's compiled kernels, and the
-# Triton attention's autotuning results (so each case does not tune again).
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_AUTOTUNING=1
+# Kept on the warm machine between the two calls: inductor's compiled kernels.
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 date -u +"date %Y-%m-%dT%H:%M:%SZ"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader || true
 python3 -c "import torch, triton, deepspeed, transformers as t; print('torch', torch.__version__, 'cuda', \

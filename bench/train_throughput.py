@@ -33,7 +33,6 @@ row) unless --in-process; logs go to --logs, one file per case. Numbers only cou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -42,7 +41,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,21 +63,6 @@ MIN_CASE_S = 40.0
 """A case is not started with less budget left than this (an import plus one compile)."""
 
 
-@contextlib.contextmanager
-def case_env(c: Case) -> Iterator[None]:
-    """The case's environment variables in this process for its duration (in-process runs)."""
-    saved = {k: os.environ.get(k) for k, _ in c.env}
-    os.environ.update(dict(c.env))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_case(c: Case, opts: argparse.Namespace) -> dict[str, Any]:
     """One case in this process: its row (the case's shape, then what its runner measured)."""
     import torch
@@ -98,7 +81,6 @@ def run_case(c: Case, opts: argparse.Namespace) -> dict[str, Any]:
         "accum": c.accum,
         "goal": goal_on(c.goal, device),
         "device": device,
-        **({"env": {k: os.environ.get(k) for k, _ in c.env}} if c.env else {}),  # as this process saw it
     }
     t0 = time.perf_counter()
     if c.impl == "ours":
@@ -186,8 +168,7 @@ def run_all(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]
         t0 = time.perf_counter()
         if opts.in_process:
             try:
-                with case_env(c):
-                    row = run_case(c, opts)
+                row = run_case(c, opts)
             except Exception as e:  # noqa: BLE001 - one failed case must not lose the others' rows
                 traceback.print_exc()
                 row = {"case": c.name, "status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -201,7 +182,6 @@ def run_all(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]
                 try:
                     rc = subprocess.run(
                         child_command(c, opts, result),
-                        env={**os.environ, **dict(c.env)},
                         stdout=f,
                         stderr=subprocess.STDOUT,
                         timeout=timeout,

@@ -19,10 +19,6 @@ With `model.unpad` the layers run on the real tokens only, packed into one (1, N
 loader's `unpad_index`); the varlen kernel then takes one segment per row: offsets [0, n_0, n_0 + n_1,
 ..., N] (`packed_offsets`), at most T long each.
 
-"triton" takes the same segments through our Triton kernel (roberta_ds/triton_attention.py) where it
-runs (CUDA, bf16/fp16, Triton installed; or the CPU interpreter): the same maths with keep bits from
-a hash; elsewhere the same SDPA fallback as "varlen".
-
 Both need right-padded rows (padding only after the last real token), which our loader guarantees
 (`roberta_ds.masking.check_right_padded`). Position 0 counts as real in every row (see `key_mask`), so
 a row of padding only is one token long, never empty.
@@ -35,9 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from roberta_ds import triton_attention
-from roberta_ds.config import SEGMENT_KERNELS
-
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -46,11 +39,11 @@ class AttentionInputs:
     """What every layer's attention needs, built once per forward (`attention_inputs`)."""
 
     kernel: str
-    """sdpa | varlen | triton"""
+    """sdpa | varlen"""
     mask: torch.Tensor | None
-    """sdpa: the (B, 1, 1, T) key mask; varlen, triton: the segment offsets; None: no padding at all."""
+    """sdpa: the (B, 1, 1, T) key mask; varlen: the segment offsets; None: no padding at all."""
     max_len: int | None = None
-    """varlen, triton: a bound on every segment's length (the packed layout's T); default the row length."""
+    """varlen: a bound on every segment's length (the packed layout's T); default the row length."""
 
 
 def key_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -133,11 +126,8 @@ def attend(qkv: torch.Tensor, inputs: AttentionInputs, dropout_p: float) -> torc
     head_dim), B = 1 in the packed layout."""
     b, t, _, h, d = qkv.shape
     mask = inputs.mask
-    segments = inputs.kernel in SEGMENT_KERNELS and mask is not None
-    if segments and inputs.kernel == "triton" and triton_attention.runs_on(qkv):
-        y = triton_attention.attention(qkv.reshape(b * t, 3, h, d), mask, inputs.max_len or t, dropout_p)
-        return y.reshape(b, t, h * d)
-    if segments and inputs.kernel == "varlen" and use_flash(qkv):
+    segments = inputs.kernel == "varlen" and mask is not None
+    if segments and use_flash(qkv):
         q, k, v = qkv.reshape(b * t, 3, h, d).unbind(1)  # each (BT, heads, head_dim), row stride 3hd
         return flash_varlen(q, k, v, mask, inputs.max_len or t, dropout_p).reshape(b, t, h * d)
     if segments:
@@ -148,14 +138,13 @@ def attend(qkv: torch.Tensor, inputs: AttentionInputs, dropout_p: float) -> torc
 
 
 def attention_inputs(keep: torch.Tensor | None, kernel: str) -> AttentionInputs:
-    """For a (B, T) batch: the key mask (sdpa) or the segment offsets (varlen, triton) of its real-token
+    """For a (B, T) batch: the key mask (sdpa) or the segment offsets (varlen) of its real-token
     flags; no mask when the batch holds no padding (keep None)."""
     if keep is None:
         return AttentionInputs(kernel, None)
-    return AttentionInputs(kernel, segment_offsets(keep) if kernel in SEGMENT_KERNELS else key_mask(keep))
+    return AttentionInputs(kernel, segment_offsets(keep) if kernel == "varlen" else key_mask(keep))
 
 
-def packed_inputs(keep: torch.Tensor, kernel: str = "varlen") -> AttentionInputs:
-    """For the packed (1, N) layout of a (B, T) batch's real tokens: one segment per row (varlen or
-    triton)."""
-    return AttentionInputs(kernel, packed_offsets(keep), keep.shape[1])
+def packed_inputs(keep: torch.Tensor) -> AttentionInputs:
+    """For the packed (1, N) layout of a (B, T) batch's real tokens: one varlen segment per row."""
+    return AttentionInputs("varlen", packed_offsets(keep), keep.shape[1])

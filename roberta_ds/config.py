@@ -48,16 +48,14 @@ class ModelConfig:
     """"sdpa" (SDPA with a key-padding mask), "varlen" (FlashAttention-2 over each row's real tokens
     as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA), or "auto":
     varlen where that kernel runs (a CUDA device in bf16/fp16), else sdpa (`resolve_auto`). Same maths
-    at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are).
-    "triton": the varlen segments through our own Triton kernel (roberta_ds/triton_attention.py: a
-    cheaper dropout draw, dQKV written in place); needs the `triton` package where it runs on CUDA."""
+    at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
     dropout_rng: str = "torch"
     """Where `dropout`'s masks come from in compiled training: "torch" (nn.Dropout; Philox per element
     under torch.compile) or "hash" (a keyed integer hash of the element index, a fraction of Philox's
     arithmetic: roberta_ds/hash_dropout.py). Eager runs use nn.Dropout either way."""
     unpad: bool | str = "auto"
     """Run the layers on the real tokens only, packed into one sequence (no compute on padding; needs
-    attention_kernel "varlen" or "triton"). The loader supplies the packed index; same loss and
+    attention_kernel "varlen"). The loader supplies the packed index; same loss and
     gradients. "auto": on exactly where the varlen kernel runs; off elsewhere, where the packed
     sequence's attention would take an N x N block mask (N = every real token of the micro-batch)."""
 
@@ -82,21 +80,19 @@ class ModelConfig:
                  f"must be true, false or \"auto\", got {self.unpad!r}: write --set model.unpad=true")
         _require(self.dropout_rng in ("torch", "hash"), "model.dropout_rng",
                  f"must be 'torch' or 'hash', got {self.dropout_rng!r}")
+        _require(self.attention_kernel != "triton", "model.attention_kernel",
+                 "'triton' was removed: our Triton kernel lost to FlashAttention-2 on an H200 "
+                 "(bench/NOTES.md, stop 17); choose 'varlen' (or 'auto')")
         _require(
             self.attention_kernel in ATTENTION_KERNELS,
             "model.attention_kernel",
             f"must be one of {', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}",
         )
         _require(
-            self.unpad is not True or self.attention_kernel in SEGMENT_KERNELS,
+            self.unpad is not True or self.attention_kernel == "varlen",
             "model.unpad",
-            "needs model.attention_kernel=varlen or triton (padding-free layers attend per row segment)",
+            "needs model.attention_kernel=varlen (padding-free layers attend per row segment)",
         )
-        d = self.hidden_size // self.num_heads
-        _require(self.attention_kernel != "triton" or (d >= 16 and d & (d - 1) == 0),
-                 "model.attention_kernel",
-                 f"triton needs a head size (hidden_size / num_heads) that is a power of two >= 16, "
-                 f"got {d}: choose varlen")
         for name in ("dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 
@@ -110,9 +106,7 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
-ATTENTION_KERNELS = ("auto", "sdpa", "varlen", "triton")
-SEGMENT_KERNELS = ("varlen", "triton")
-"""The kernels that attend per segment with no mask, which the padding-free layout needs."""
+ATTENTION_KERNELS = ("auto", "sdpa", "varlen")
 
 
 def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
@@ -121,7 +115,7 @@ def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
     runs: `attention.flash_capable`), else sdpa with the key mask and padded layers. The trainer
     resolves before it builds the model and the loader, which must agree on `unpad`."""
     kernel = model.attention_kernel if model.attention_kernel != "auto" else ("varlen" if flash else "sdpa")
-    unpad = model.unpad if model.unpad != "auto" else (kernel in SEGMENT_KERNELS and flash)
+    unpad = model.unpad if model.unpad != "auto" else (kernel == "varlen" and flash)
     return dataclasses.replace(model, attention_kernel=kernel, unpad=unpad)
 
 

@@ -10,10 +10,9 @@ Speed choices, none of which changes the maths:
 - attention (roberta_ds/attention.py, `model.attention_kernel`): "sdpa" runs
   `F.scaled_dot_product_attention` with a key-padding mask (cuDNN's fused kernels on an H100, torch
   2.11, measured by bench/model_check.py); "varlen" runs FlashAttention-2's variable-length kernel,
-  with dropout, over each row's real tokens and its padding as separate segments, with no mask;
-  "triton" the same segments through our Triton kernel (roberta_ds/triton_attention.py). Q, K
+  with dropout, over each row's real tokens and its padding as separate segments, with no mask. Q, K
   and V come from one fused projection; `has_padding=False` drops the mask for a batch without padding;
-- `model.unpad` (with "varlen" or "triton") runs the layers on the real tokens only, packed into one
+- `model.unpad` (with "varlen") runs the layers on the real tokens only, packed into one
   sequence by the loader's `unpad_index` (`encode_unpadded`): no GEMM, LayerNorm or GELU work on padding;
 - both default to "auto": varlen and padding-free layers where the varlen kernel runs (CUDA, bf16 or
   fp16 weights or autocast), sdpa and padded layers elsewhere (`config.resolve_auto`);
@@ -211,7 +210,7 @@ class RobertaMLM(nn.Module):
         self, input_ids: torch.Tensor, keep: torch.Tensor | None, kernel: str | None = None
     ) -> torch.Tensor:
         """Hidden states of the last layer. input_ids (B, T); keep (B, T) bool (True = a real token) or
-        None for no attention mask at all; kernel: "sdpa" | "varlen" | "triton", default the configured
+        None for no attention mask at all; kernel: "sdpa" | "varlen", default the configured
         one (segments need right-padded rows) -> (B, T, H)."""
         self._check_length(input_ids)
         kernel = kernel or self._decided(input_ids).attention_kernel
@@ -226,9 +225,7 @@ class RobertaMLM(nn.Module):
         (hidden (N, H), offsets (B + 1,) int32 of each row in it). N is known on the host from the
         index's shape, so nothing syncs; under torch.compile it is a dynamic dimension."""
         self._check_length(input_ids)
-        kernel = self._decided(input_ids).attention_kernel
-        kind = "triton" if kernel == "triton" else "varlen"  # the packed layout always attends per segment
-        attn = packed_inputs(real_tokens(input_ids, self.cfg.pad_id), kind)
+        attn = packed_inputs(real_tokens(input_ids, self.cfg.pad_id))  # always per segment
         ids = input_ids.flatten()[unpad_index][None]  # (1, N)
         positions = position_ids(input_ids, self.cfg.pad_id).flatten()[unpad_index][None]
         x = self._layers(self.embeddings(ids, positions), attn)

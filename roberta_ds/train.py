@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from roberta_ds import checkpoint as ckpt
-from roberta_ds import dist, triton_attention
+from roberta_ds import dist
 from roberta_ds.config import (
     TrainConfig,
     config_to_dict,
@@ -142,7 +142,6 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     # "auto" attention kernel and padding-free layers: on where FlashAttention-2's varlen kernel runs
     # (a GPU in bf16, fp16 or a 16-bit autocast), decided once so the model and the loader agree.
     cfg = dataclasses.replace(cfg, model=resolve_auto(cfg.model, cuda and precision(ds) != "fp32"))
-    triton_attention.check_available(cfg.model, cuda)
     set_default_collective_timeout(timedelta(seconds=cfg.collective_timeout_s))  # DeepSpeed's own groups too
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.collective_timeout_s))

@@ -8,19 +8,10 @@ with 2 worker processes (~1 s).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    # The Triton attention kernel's tests (test_triton_attention.py) run in Triton's CPU interpreter.
-    # Triton reads this when it is imported (its own library functions become interpreted then), and
-    # torch may import it early, so it is set for the session. Harmless elsewhere: on a CPU only that
-    # kernel runs under it, and only in fp16 (`triton_attention.runs_on`).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMALL_VOCAB = 2048
 SMALL_SHARD_TOKENS = 150_000

@@ -98,6 +98,11 @@ def test_use_flash_only_for_cuda_half_precision():
     assert not attention.use_flash(torch.zeros(2, 2, device="meta", dtype=torch.bfloat16))
 
 
+def test_the_removed_triton_kernel_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="model.attention_kernel.*'triton' was removed.*choose 'varlen'"):
+        model_config("tiny", vocab_size=V, attention_kernel="triton")
+
+
 def test_unknown_kernel_is_refused():
     with pytest.raises(ConfigError, match="model.attention_kernel"):
         model_config("tiny", vocab_size=V, attention_kernel="flash")
@@ -251,10 +256,10 @@ def test_auto_model_runs_sdpa_on_cpu_and_ignores_the_index(monkeypatch):
     monkeypatch.setattr(model_module, "flash_capable", lambda device, dtype: True)
     packed = []
     monkeypatch.setattr(model_module, "packed_inputs",
-                        lambda keep, kernel: packed.append(kernel) or attention.packed_inputs(keep, kernel))
+                        lambda keep: packed.append(attention.packed_inputs(keep)) or packed[-1])
     with torch.no_grad():
         model(ids, pos, lab, unpad_index=index)  # CPU: the varlen branch runs SDPA over the segments
-    assert packed == ["varlen"]
+    assert [p.kernel for p in packed] == ["varlen"]
 
 
 def test_loop_passes_the_index_only_when_unpadded():
