@@ -2,7 +2,9 @@
 
 One owner per setting: the DeepSpeed JSON (ds_configs/) owns batch sizes, precision, ZeRO stage and
 gradient clipping; these dataclasses own the model, the data, the optimizer and the schedule.
-Every field is validated in `__post_init__` and errors name the field, e.g. `model.num_heads`.
+Every field is type-checked and coerced from its annotation first (config_types.py: YAML's `1e-3`
+is a string, `--set` values arrive as JSON or strings), then validated in `__post_init__`; errors name
+the field, e.g. `model.num_heads`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from roberta_ds.config_types import coerce, coerce_fields
 from roberta_ds.errors import ConfigError
 
 
@@ -60,6 +63,7 @@ class ModelConfig:
     sequence's attention would take an N x N block mask (N = every real token of the micro-batch)."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "model")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "type_vocab_size"):
             _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(
@@ -73,9 +77,6 @@ class ModelConfig:
             f"must exceed pad_id + 1 = {self.pad_id + 1} (positions start after the padding index)",
         )
         _require(0 <= self.pad_id < self.vocab_size, "model.pad_id", f"{self.pad_id} is outside the vocabulary")
-        _require(isinstance(self.activation_checkpointing, bool), "model.activation_checkpointing",
-                 f"must be true or false (JSON), got {self.activation_checkpointing!r}: "
-                 "write --set model.activation_checkpointing=true")
         _require(isinstance(self.unpad, bool) or self.unpad == "auto", "model.unpad",
                  f"must be true, false or \"auto\", got {self.unpad!r}: write --set model.unpad=true")
         _require(self.dropout_rng in ("torch", "hash"), "model.dropout_rng",
@@ -154,6 +155,7 @@ class DataSource:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "data source")
         _require(self.weight > 0, f"data source {self.path!r} weight", f"must be > 0, got {self.weight}")
 
 
@@ -180,6 +182,7 @@ class DataConfig:
     """Seeds the sample order and the masks: both are pure functions of (seed, epoch, sample index)."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "data")
         _require(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
         _require(self.packing in PACKING_MODES, "data.packing", f"must be one of {PACKING_MODES}")
         _require(0 < self.mask_prob < 1, "data.mask_prob", "must be in (0, 1)")
@@ -198,14 +201,21 @@ def data_sources(value: Any, name: str) -> tuple[DataSource, ...]:
         return ()
     if isinstance(value, str):
         items: list[Any] = [v for v in value.split(",") if v]
-    else:
+    elif isinstance(value, (list, tuple)):
         items = list(value)
+    else:
+        raise ConfigError(f"{name}: expected a shard set directory or a list of them, got {value!r} "
+                          f"({type(value).__name__})")
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, DataSource):
             out.append(item)
         elif isinstance(item, dict):
-            out.append(DataSource(path=str(item["path"]), weight=float(item.get("weight", 1.0))))
+            unknown = sorted(set(item) - {"path", "weight"})
+            if unknown or "path" not in item:
+                raise ConfigError(f"{name}[{i}]: expected {{path: DIR, weight: W}}, got {item!r}")
+            out.append(DataSource(path=coerce(item["path"], str, f"{name}[{i}].path"),
+                                  weight=coerce(item.get("weight", 1.0), float, f"{name}[{i}].weight")))
         elif isinstance(item, str):
             path, sep, weight = item.rpartition(":")
             if sep and weight.replace(".", "", 1).isdigit():
@@ -235,6 +245,7 @@ class OptimConfig:
     """torch.optim.AdamW(fused=...): None picks fused where supported (CUDA, and CPU in torch >= 2.4)."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "optim")
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two values in [0, 1)")
         _require(self.eps > 0, "optim.eps", "must be > 0")
@@ -265,7 +276,8 @@ class TrainConfig:
     """Checkpoints, metrics.jsonl, TensorBoard logs and a copy of the tokenizer go here."""
     ds_config: str = "ds_configs/zero2_bf16.json"
     max_steps: int | None = None
-    """Stop after this optimizer step (default: optim.total_steps); the LR schedule is unaffected."""
+    """Stop after this optimizer step (default: optim.total_steps). It only stops a run early: the
+    schedule is optim.total_steps long whatever max_steps says, and a max_steps beyond it is refused."""
     seed: int = 1
     """Seeds initialisation and dropout (the data order and masks use data.seed)."""
     log_interval: int = 10
@@ -291,8 +303,14 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Per-device peak for MFU; default from the device name (bf16 dense datasheet figures)."""
     tensorboard: bool = True
+    lock_timeout_s: float = 300.0
+    """The run holds output_dir through `run.lock` (run_lock.py), its heartbeat refreshed by rank 0 every
+    lock_timeout_s / 10 s at most 30 s; a launch that finds a lock whose heartbeat is older than this
+    takes it over (its holder is presumed dead). Keep it well above the filesystem's attribute-cache time
+    and the nodes' clock skew."""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "")
         _require(self.model.max_seq_len >= self.data.max_seq_len, "data.max_seq_len",
                  f"{self.data.max_seq_len} exceeds the model's position table "
                  f"(model.max_positions {self.model.max_positions} serves {self.model.max_seq_len} tokens)")
@@ -300,10 +318,13 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
         _require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
+        _require(self.lock_timeout_s > 0, "lock_timeout_s", f"must be > 0, got {self.lock_timeout_s}")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
-        _require(isinstance(self.compile_options, dict), "compile_options",
-                 f"must be a mapping of inductor option to value, got {self.compile_options!r}")
+            _require(self.max_steps <= self.optim.total_steps, "max_steps",
+                     f"{self.max_steps} exceeds optim.total_steps {self.optim.total_steps}, where the learning-rate "
+                     f"schedule ends (from there on lr = optim.end_lr = {self.optim.end_lr:g}); max_steps only "
+                     "stops a run early. Lengthen the schedule with optim.total_steps, or lower max_steps")
         _require(not self.compile_options or self.compile, "compile_options", "needs compile: true")
 
     @property
@@ -363,21 +384,21 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     model preset's recipe), and top-level TrainConfig fields.
     """
     raw = dict(raw)
-    model_raw = dict(raw.pop("model", {}) or {})
-    preset = str(model_raw.pop("preset", raw.pop("model_preset", "roberta-base")))
+    section = {name: dict(coerce(raw.pop(name, None) or {}, dict[str, Any], name))
+               for name in ("model", "data", "optim")}
+    model_raw = section["model"]
+    preset = coerce(model_raw.pop("preset", raw.pop("model_preset", "roberta-base")), str, "model.preset")
     if "vocab_size" not in model_raw and raw.get("tokenizer"):
         # The embedding matches the tokenizer unless the config says otherwise (HF export needs no padding).
         from roberta_ds.tokenizer import load_tokenizer_info
 
-        model_raw["vocab_size"] = load_tokenizer_info(raw["tokenizer"]).vocab_size
+        model_raw["vocab_size"] = load_tokenizer_info(coerce(raw["tokenizer"], str, "tokenizer")).vocab_size
     model = model_config(preset, **model_raw)
-    data_raw = dict(raw.pop("data", {}) or {})
+    data_raw = section["data"]
     for key in ("train", "valid"):
         data_raw[key] = data_sources(data_raw.get(key), f"data.{key}")
     data = _build(DataConfig, data_raw, "data")
-    optim_raw = dict(raw.pop("optim", {}) or {})
-    if "betas" in optim_raw:
-        optim_raw["betas"] = tuple(optim_raw["betas"])
+    optim_raw = section["optim"]
     base = OPTIM_PRESETS.get(preset, OptimConfig())
     try:
         optim = dataclasses.replace(base, **optim_raw)

@@ -70,15 +70,14 @@ Log = Callable[[str], None]
 def _fields_to_config(fields: Any, where: str) -> ModelConfig:
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}: expected an object of ModelConfig fields")
-    types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(fields) - set(types))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown ModelConfig field(s) {unknown}; known: {sorted(types)}")
-    for name, value in fields.items():
-        want = {"int": int, "float": (int, float), "bool": bool}.get(types[name])
-        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise ConfigError(f"{where}: model.{name} = {value!r} must be of type {types[name]}")
-    return ModelConfig(**{k: float(v) if types[k] == "float" else v for k, v in fields.items()})
+        raise ConfigError(f"{where}: unknown ModelConfig field(s) {unknown}; known: {sorted(known)}")
+    try:
+        return ModelConfig(**fields)  # every field type-checked from its annotation (config_types.py)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def resolve_model_config(spec: str | ModelConfig | None,
