@@ -8,7 +8,8 @@ micro-batch loss), `grad` (the last backward of a step), `save:written` (this ra
 not yet fsynced), `save:before_rename` (manifest written, not committed), `save:before_pointer`
 (committed, `latest` not yet updated). Process actions happen at the point: `kill` (SIGKILL this
 rank), `kill_job` (SIGKILL the whole process group: the launcher and every rank), `stop` (SIGSTOP
-this rank: a hung rank), `sleep=<s>`, `raise`, `sigterm` / `sigusr1` (signal this rank),
+this rank: a hung rank), `sleep=<s>`, `wait=<path>` (block until the file exists: a test holds
+the run at a point and lets it go), `raise`, `sigterm` / `sigusr1` (signal this rank),
 `sigterm_tree` (SIGTERM to this rank's DataLoader workers, then to it: a scheduler signalling
 every process), `unlink=<path>` / `truncate=<path>` (delete a file, or cut it to half its size: a
 data shard vanishing or shrinking under the run). Value actions are returned to the caller: `nan`
@@ -26,9 +27,9 @@ from roberta_ds.errors import ConfigError
 
 ENV = "ROBERTA_DS_FAULTS"
 VALUE_ACTIONS = ("nan", "inf")
-PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "raise", "sigterm", "sigterm_tree", "sigusr1",
+PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "wait", "raise", "sigterm", "sigterm_tree", "sigusr1",
                    "unlink", "truncate")
-_NEEDS_ARG = {"sleep": "seconds", "unlink": "a path", "truncate": "a path"}
+_NEEDS_ARG = {"sleep": "seconds", "wait": "a path", "unlink": "a path", "truncate": "a path"}
 
 
 class InjectedFault(RuntimeError):
@@ -113,6 +114,9 @@ def _act(f: Fault) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif f.action == "sleep":
         time.sleep(float(f.arg))
+    elif f.action == "wait":
+        while not os.path.exists(f.arg):
+            time.sleep(0.1)
     elif f.action == "raise":
         raise InjectedFault(f"injected exception at {f.point} (step {f.step})")
     elif f.action == "sigterm":

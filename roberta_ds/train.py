@@ -45,6 +45,7 @@ from roberta_ds.errors import ConfigError, UserError
 from roberta_ds.faults import Faults
 from roberta_ds.loop import EXIT_TOO_MANY_SKIPS, REQUEUE_EXIT_CODE, Trainer  # noqa: F401 - exit codes re-exported
 from roberta_ds.optim import GuardedAdamW, lr_at, param_groups
+from roberta_ds.run_lock import RunLock, RunLockError, release_held
 from roberta_ds.runtime import (
     Runtime,
     make_all_reduce_max,
@@ -165,6 +166,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     comm.agree_error(_scan_token_range(data, cfg.model.vocab_size, comm.rank, comm.world))
 
     out = Path(cfg.output_dir)
+    comm.agree_error(_hold_output_dir(out, cfg.lock_timeout_s, comm.rank))  # before anything reads or writes it
     ckpt_dir = out / "checkpoints"
     model_dict = config_to_dict(cfg.model)
 
@@ -232,6 +234,20 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
                    rng_state)
 
 
+def _hold_output_dir(out: Path, timeout_s: float, rank: int) -> str | None:
+    """Rank 0 takes `out`'s run lock (run_lock.py) for the life of this process and keeps its heartbeat;
+    returns why it could not, for every rank to stop with. A run that loses the lock to a takeover
+    ends at once (exit 1), before it writes another byte into `out`."""
+    if rank != 0:
+        return None
+    try:
+        lock = RunLock.acquire(out, timeout_s, log=dist.print0)
+    except RunLockError as e:
+        return str(e)
+    lock.start_heartbeat(on_lost=lambda message: _fatal(0, f"error: {message}", 1), log=dist.print0)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -247,6 +263,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
       sit in a collective that will never complete; the launcher or their own collective error
       (peer gone) ends them, within collective_timeout_s at worst;
     - a UserError during setup (bad config or files: every rank raises it alike): 1 via the CLI.
+    Rank 0 releases the output directory's run lock on each of these paths and on every exit after
+    training (0, 75, 3); only a killed process leaves it, to be taken over (run_lock.py).
     """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stop = StopFlag.install()  # first: signals during setup must not kill us mid-write
@@ -296,6 +314,7 @@ def _fatal(rank: int | str, message: str, code: int, with_traceback: bool = Fals
 
     for child in multiprocessing.active_children():  # DataLoader workers would outlive us by seconds
         child.kill()
+    release_held()  # the run is over: the next launch may have the output directory at once
     sys.stderr.flush()
     sys.stdout.flush()
     # Do not wait for other ranks in a collective teardown: the launcher stops them on our exit.

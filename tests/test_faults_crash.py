@@ -12,6 +12,10 @@ refused at resume, naming the file; with --resume-fallback the previous complete
 (in-process on copies of the reference run's checkpoints, plus the last link of the chain, which
 falls back for real and still ends bitwise equal to the reference).
 
+Guarantee 1 includes the run lock: each killed launch leaves its output directory's run.lock (a
+holder killed with kill -9 cannot release it) and the next launch takes it over once the heartbeat is
+older than lock_timeout_s (2 s here), saying so in one log line.
+
 Cost: 5 launches (+ the shared reference run).
 """
 
@@ -24,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from ds_scripts.fault_jobs import (VALUE_FAULTS, assert_bitwise_equal_states, assert_losses_match, copy_run,
-                                   fault_args, launch_job, plan_here, reference_run, resumed_from, tag_dir)
+                                   fault_args, launch_job, plan_here, reference_run, resumed_from, tag_dir,
+                                   took_over, wait_until_lock_is_stale)
 from roberta_ds import checkpoint as ckpt
 from roberta_ds.errors import CheckpointError
 from roberta_ds.resume import plan_resume
@@ -63,8 +68,11 @@ def test_kill_9_chain(reference, small_tokenizer, small_shards, tmp_path):
     assert_losses_match(a, reference, range(1, 5))
 
     # B: resumes from step 2, never from the half-written step 4; killed in the middle of step index 5
-    # (after rank 0's first forward).
+    # (after rank 0's first forward). A's lock is taken over once stale.
+    left = wait_until_lock_is_stale(out)
+    assert left is not None, "a job killed with kill -9 cannot release its run.lock"
     b = launch_job(args, faults=f"{VALUE_FAULTS}; kill_job@loss:step=5,rank=0")
+    assert took_over(b, left), b.tail()
     assert resumed_from(b) == 2, b.tail()
     assert "[fault] rank 0: kill_job at loss step 5" in b.output, b.tail()
     assert_losses_match(b, reference, range(3, 6))
@@ -72,15 +80,17 @@ def test_kill_9_chain(reference, small_tokenizer, small_shards, tmp_path):
 
     # C: resumes from step 4, written right after the two skipped steps. Killed once step 6 is
     # committed (renamed) but before `latest` names it.
+    left = wait_until_lock_is_stale(out)
     c = launch_job(args, faults=f"{VALUE_FAULTS}; kill_job@save:before_pointer:step=6,rank=0")
-    assert resumed_from(c) == 4, c.tail()
+    assert took_over(c, left) and resumed_from(c) == 4, c.tail()
     assert_losses_match(c, reference, range(5, 7))
     assert _tags(ckpts) == [2, 4, 6] and ckpt.read_pointer(ckpts) == "step_00000004"
 
     # D: resumes from the newest complete checkpoint, step 6, although `latest` still names step 4
     # (and repairs `latest`). Killed after step 8's manifest is written, before the rename.
+    left = wait_until_lock_is_stale(out)
     d = launch_job(args, faults=f"{VALUE_FAULTS}; kill_job@save:before_rename:step=8,rank=0")
-    assert resumed_from(d) == 6, d.tail()
+    assert took_over(d, left) and resumed_from(d) == 6, d.tail()
     assert "named step_00000004, but step_00000006 is committed" in d.output
     assert_losses_match(d, reference, range(7, 9))
     assert _tags(ckpts) == [2, 4, 6] and ckpt.read_pointer(ckpts) == "step_00000006"
@@ -90,8 +100,10 @@ def test_kill_9_chain(reference, small_tokenizer, small_shards, tmp_path):
     # file, the staged step 8 (manifest and all) is never considered, step 4 is used.
     victim = sorted(tag_dir(out, 6).glob("*optim_states.pt"))[1]
     _flip_byte(victim)
+    left = wait_until_lock_is_stale(out)
     e = launch_job(args + ["--resume-fallback"], faults=VALUE_FAULTS)
-    assert e.returncode == 0, e.tail()
+    assert e.returncode == 0 and took_over(e, left), e.tail()
+    assert not (out / "run.lock").exists()  # a clean exit releases it
     assert f"checkpoint step_00000006 refused: {victim}: sha256 differs" in e.output, e.tail()
     assert resumed_from(e) == 4
     assert_losses_match(e, reference, range(5, 9))

@@ -40,16 +40,39 @@ VALUE_FAULTS = "nan@loss:step=2,rank=1; inf@grad:step=3,rank=0"
 resumed run past them never fires them)."""
 TIMEOUT_S = 15
 """collective_timeout_s in the fault tests: small, but with margin for a loaded 2-core machine."""
+LOCK_TIMEOUT_S = 2
+"""lock_timeout_s in the fault tests: a job killed with kill -9 leaves its run.lock, taken over by the
+next launch once the heartbeat is this old (`wait_until_lock_is_stale`)."""
 LAUNCH_TIMEOUT = 240
 """Kill a job that has not ended by then (a hang the test itself must report)."""
 
 
 def fault_args(tokenizer: Path, shards: Path, out: Path, *, steps: int = STEPS, extra: list[str] = (),
                **kw) -> list[str]:
-    """The tiny-model arguments of every fault test: checkpoints every 2 steps, none pruned, timeout 15 s."""
+    """The tiny-model arguments of every fault test: checkpoints every 2 steps, none pruned, timeouts
+    15 s (collectives) and 2 s (the run lock)."""
     return tiny_args(tokenizer, shards, out, steps=steps, extra=[
         "--set", f"save_interval={SAVE_EVERY}", "--set", "keep_last=100",
-        "--set", f"collective_timeout_s={TIMEOUT_S}", *extra], **kw)
+        "--set", f"collective_timeout_s={TIMEOUT_S}", "--set", f"lock_timeout_s={LOCK_TIMEOUT_S}", *extra], **kw)
+
+
+def wait_until_lock_is_stale(out: Path, timeout_s: float = LOCK_TIMEOUT_S):
+    """The run.lock a killed job left in `out` (a run_lock.Holder), once its heartbeat is older than
+    `timeout_s`, so that the next launch takes it over; None when there is no lock."""
+    from roberta_ds.run_lock import LOCK_NAME, read_holder
+
+    holder = read_holder(out / LOCK_NAME)
+    if holder is not None:
+        time.sleep(max(0.0, holder.heartbeat + timeout_s + 0.2 - time.time()))
+        assert read_holder(out / LOCK_NAME) == holder, "the killed job's lock changed: something still runs"
+    return holder
+
+
+def took_over(job: "Job", holder, timeout_s: float = LOCK_TIMEOUT_S) -> bool:
+    """Whether the job's log says it took over the lock `holder` left because its heartbeat was stale."""
+    return any(f"took over {job.out_dir / 'run.lock'} from host {holder.host}, pid {holder.pid}, " in line
+               and line.endswith(f"its heartbeat is older than lock_timeout_s = {timeout_s:g} s")
+               for line in job.output.splitlines())
 
 
 @dataclass
