@@ -17,55 +17,18 @@ one is complete; its sha256 is the tokenizer's fingerprint in shard manifests an
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from data_tools.text_input import ReadStats, iter_documents, resolve_inputs
 from roberta_ds.errors import UserError
+from roberta_ds.hf_tokenizer import roberta_config_files
 from roberta_ds.shards import atomic_write_bytes
 from roberta_ds.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer_info, special_ids_of
 
-MODEL_MAX_LENGTH = 512
 MIN_VOCAB = 512
 """256 byte symbols + 5 specials leave too little room for merges below this."""
-
-
-def _hf_config_files(special_ids: dict[str, int]) -> dict[str, bytes]:
-    """tokenizer_config.json and special_tokens_map.json for a RoBERTa tokenizer."""
-    mask = {
-        "content": SPECIAL_TOKENS["mask"],
-        "lstrip": True,
-        "normalized": False,
-        "rstrip": False,
-        "single_word": False,
-        "special": True,
-    }
-    special_map = {
-        "bos_token": SPECIAL_TOKENS["bos"],
-        "eos_token": SPECIAL_TOKENS["eos"],
-        "unk_token": SPECIAL_TOKENS["unk"],
-        "sep_token": SPECIAL_TOKENS["eos"],
-        "pad_token": SPECIAL_TOKENS["pad"],
-        "cls_token": SPECIAL_TOKENS["bos"],
-        "mask_token": mask,
-    }
-    config = {
-        # "RobertaTokenizer" resolves to the fast (tokenizers-backed) class in transformers 4.x
-        # (AutoTokenizer prefers fast) and 5.x (where RobertaTokenizerFast is an alias of it).
-        "tokenizer_class": "RobertaTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "add_prefix_space": False,
-        "trim_offsets": True,
-        "errors": "replace",
-        **special_map,
-    }
-
-    def dump(obj: dict) -> bytes:
-        return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-    return {"tokenizer_config.json": dump(config), "special_tokens_map.json": dump(special_map)}
 
 
 def _write_tokenizer_dir(tok, out_dir: Path, tokenizer_json: bytes) -> Path:
@@ -75,11 +38,11 @@ def _write_tokenizer_dir(tok, out_dir: Path, tokenizer_json: bytes) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not isinstance(tok.model, BPE):
         raise UserError(f"the tokenizer's model is {type(tok.model).__name__}; RoBERTa needs byte-level BPE")
-    special_ids = special_ids_of(tok, out_dir)
+    special_ids_of(tok, out_dir)  # refuses a tokenizer without RoBERTa's special tokens
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".vocab-") as tmp:
         tok.model.save(tmp)  # vocab.json + merges.txt, the slow-tokenizer files
         files = {name: (Path(tmp) / name).read_bytes() for name in ("vocab.json", "merges.txt")}
-    files.update(_hf_config_files(special_ids))
+    files.update(roberta_config_files())
     for name, data in files.items():
         atomic_write_bytes(out_dir / name, data)
     path = out_dir / TOKENIZER_FILE

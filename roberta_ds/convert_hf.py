@@ -7,7 +7,8 @@
 
 Export reads a DeepSpeed checkpoint of any ZeRO stage / precision (ds_checkpoint.py) or a plain
 state dict, and writes `config.json`, `model.safetensors` (no pickles) and the tokenizer files into a
-temporary directory. Before that directory is renamed to `--out` it must pass a check: transformers
+temporary directory. `--tokenizer` is any directory holding the tokenizer.json the model was trained
+with (ours, a transformers `save_pretrained` directory, or tokenizer.json alone: hf_tokenizer.py). Before that directory is renamed to `--out` it must pass a check: transformers
 loads it with no extra arguments, the tied decoder equals the word embedding, `AutoTokenizer`
 encodes like tokenizer.json, and the logits equal ours within 1e-4 (fp32) on a batch with padding
 and a full-length row (hf_parity.py). On any failure nothing is left at `--out` and the exit code
@@ -26,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +42,9 @@ from roberta_ds.hf_names import (
     HF_TIED, from_hf, hf_config, ignored_hf_names, model_config_from_hf, strip_wrappers, to_hf,
 )
 from roberta_ds.hf_parity import check_hf_dir, check_hf_tokenizer, compare_logits, probe_batch
+from roberta_ds.hf_tokenizer import OPTIONAL_FILES, export_files, require_tokenizer_json
 from roberta_ds.model import RobertaMLM
-from roberta_ds.tokenizer import TokenizerInfo, load_tokenizer_info
+from roberta_ds.tokenizer import TOKENIZER_FILE, TokenizerInfo, load_tokenizer_info
 from roberta_ds.weights_io import (
     check_out_dir, check_shapes, read_hf_weights, read_weights, save_safetensors, staged_dir,
 )
@@ -53,9 +54,9 @@ __all__ = [
     "resolve_model_config", "export_main", "import_main",
 ]
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-)
+TOKENIZER_FILES = (TOKENIZER_FILE, *OPTIONAL_FILES)
+"""The tokenizer files an export carries when `--tokenizer` has them all (`roberta-ds tokenizer` writes
+them all; tokenizer.json alone is enough: hf_tokenizer.export_files)."""
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 DEFAULT_ATOL = 1e-4
@@ -219,11 +220,8 @@ def export_hf(
     if tag is not None and checkpoint is None:
         raise UserError("--tag only applies to --checkpoint")
     check_out_dir(out)
-    missing = [name for name in TOKENIZER_FILES if not (tok_dir / name).is_file()]
-    if missing:
-        raise UserError(f"--tokenizer {tok_dir}: missing {missing}; pass the tokenizer directory the model "
-                        "was trained with (made by `roberta-ds tokenizer`)")
-    tok = load_tokenizer_info(tok_dir)
+    tok = load_tokenizer_info(require_tokenizer_json(tok_dir))
+    tok_files = export_files(tok_dir, tok.special_ids)
     if checkpoint is not None:
         cfg, weights, source = _from_checkpoint(checkpoint, tag, model_cfg, list(overrides), tok, tok_dir,
                                                 log)
@@ -239,8 +237,8 @@ def export_hf(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         hf = {k: v for k, v in to_hf(model.state_dict()).items() if k not in HF_TIED}  # as save_pretrained
         save_safetensors(hf, tmp / WEIGHTS_FILE)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(tok_dir / name, tmp / name)
+        for name, data in tok_files.items():
+            (tmp / name).write_bytes(data)
         diff = check_hf_dir(tmp, model, tok.vocab_size, bos, eos, atol)
         check_hf_tokenizer(tmp, tok.path, cfg.pad_id)
     log(f"exported {source} -> {out}: max abs logit diff vs ours {diff:.2e} (<= {atol:g}), "

@@ -328,10 +328,90 @@ def test_tokenizer_that_does_not_fit_is_refused(tmp_path, tokenizer_dir):
     small = model_config("tiny", vocab_size=300)
     with pytest.raises(ConfigError, match="vocab_size is 300"):
         export_hf(tmp_path / "o", tokenizer_dir, state_dict=sd, model_cfg=small)
-    (tmp_path / "t").mkdir()
-    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "t")
-    with pytest.raises(UserError, match="missing"):
-        export_hf(tmp_path / "o", tmp_path / "t", state_dict=sd, model_cfg=small)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# --tokenizer: any directory AutoTokenizer loads as a RoBERTa fast tokenizer (hf_tokenizer.py)
+
+
+@pytest.fixture(scope="module")
+def saved_pretrained(tokenizer_dir, tmp_path_factory) -> Path:
+    """What transformers' save_pretrained writes for our tokenizer (5.x: tokenizer.json, re-serialized,
+    and tokenizer_config.json; no vocab.json or merges.txt)."""
+    out = tmp_path_factory.mktemp("saved_pretrained")
+    transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    return out
+
+
+def _export_state_dict(out: Path, tok: Path, vocab_size: int, seed: int = 0) -> RobertaMLM:
+    model = randomized(RobertaMLM(model_config("tiny", vocab_size=vocab_size)), seed)
+    export_hf(out, tok, state_dict=model.state_dict(), model_cfg=model.cfg, log=lambda m: None)
+    return model
+
+
+def _check_export_tokenizer(out: Path, source: Path) -> None:
+    from tokenizers import Tokenizer
+
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()  # the fingerprint
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.is_fast and (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.mask_token == "<mask>"
+    text = "Return the <mask> of the list."
+    assert tok(text)["input_ids"] == Tokenizer.from_file(str(source / "tokenizer.json")).encode(text).ids
+
+
+def test_export_takes_a_save_pretrained_tokenizer_directory(saved_pretrained, vocab_size, tmp_path):
+    assert "tokenizer.json" in os.listdir(saved_pretrained) and "tokenizer_config.json" in os.listdir(saved_pretrained)
+    _export_state_dict(tmp_path / "hf", saved_pretrained, vocab_size)
+    _check_export_tokenizer(tmp_path / "hf", saved_pretrained)
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config == json.loads((saved_pretrained / "tokenizer_config.json").read_text())  # theirs, as given
+
+
+def test_export_takes_a_directory_with_tokenizer_json_alone(tokenizer_dir, vocab_size, tmp_path):
+    bare = tmp_path / "tok"
+    bare.mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer.json", bare)
+    _export_state_dict(tmp_path / "hf", bare, vocab_size)
+    _check_export_tokenizer(tmp_path / "hf", bare)
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(["config.json", "model.safetensors", "tokenizer.json",
+                                                          "tokenizer_config.json", "special_tokens_map.json"])
+
+
+def test_other_tokenizer_directories_are_refused_saying_how_to_adopt(tokenizer_dir, saved_pretrained, vocab_size,
+                                                                     tmp_path):
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, slow)
+    with pytest.raises(UserError) as e:
+        _export_state_dict(tmp_path / "a", slow, vocab_size)
+    assert str(e.value).startswith(f"--tokenizer {slow}: no tokenizer.json (it holds ['merges.txt', 'vocab.json'])")
+    assert "roberta-ds tokenizer --out tok/ --from PATH/tokenizer.json" in str(e.value)
+
+    # A tokenizer_config.json that makes AutoTokenizer load something else: no pad or mask token.
+    generic = tmp_path / "generic"
+    shutil.copytree(saved_pretrained, generic)
+    config = json.loads((generic / "tokenizer_config.json").read_text())
+    for key in ("tokenizer_class", "pad_token", "mask_token"):
+        config.pop(key, None)
+    (generic / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        _export_state_dict(tmp_path / "b", generic, vocab_size)
+    message = str(e.value)
+    assert message.startswith(f"--tokenizer {generic}: AutoTokenizer loads it as ")
+    assert "pad_token_id is None, but <pad> is id 1 in tokenizer.json" in message
+    assert "mask_token_id is None, but <mask> is id 4 in tokenizer.json" in message
+    adopt = f"`roberta-ds tokenizer --out tok/ --from {generic / 'tokenizer.json'}`"
+    assert adopt in message
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    # The way out it names: adopted, the same tokenizer.json (fingerprint) exports.
+    assert cli.main(["tokenizer", "--out", str(tmp_path / "tok"), "--from", str(generic / "tokenizer.json")]) == 0
+    assert tokenizer_fingerprint(tmp_path / "tok") == tokenizer_fingerprint(generic)
+    _export_state_dict(tmp_path / "c", tmp_path / "tok", vocab_size)
+    _check_export_tokenizer(tmp_path / "c", generic)
 
 
 def test_weights_of_another_shape_are_named(tmp_path, tokenizer_dir, vocab_size):
@@ -490,3 +570,29 @@ def test_code_running_pickle_in_checkpoint_is_refused(ds_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         load_weights(resolve_tag_dir(ck))
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_export_fingerprints_tokenizer_json_of_any_layout(ds_checkpoints, tokenizer_dir,
+                                                                      saved_pretrained, tmp_path):
+    """The checkpoint records tokenizer.json's sha256; any directory holding those bytes exports it."""
+    bare = tmp_path / "tok"
+    bare.mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer.json", bare)
+    export_hf(tmp_path / "a", bare, checkpoint=ds_checkpoints / "zero2_bf16", log=lambda m: None)
+    _check_export_tokenizer(tmp_path / "a", bare)
+    # save_pretrained re-serialized tokenizer.json: another fingerprint than the checkpoint's.
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json sha256 \w+\.\.\. is not the tokenizer this "
+                                              r"checkpoint was trained with"):
+        export_hf(tmp_path / "b", saved_pretrained, checkpoint=ds_checkpoints / "zero2_bf16", log=lambda m: None)
+    # A checkpoint trained with the save_pretrained directory (its manifest records that fingerprint;
+    # the manifest is not among the files it checksums) exports with it.
+    ck = tmp_path / "ck"
+    shutil.copytree(ds_checkpoints / "zero2_bf16", ck)
+    meta_path = resolve_tag_dir(ck) / "roberta_ds.json"
+    meta = json.loads(meta_path.read_text())
+    assert "roberta_ds.json" not in meta["files"]
+    meta["tokenizer_sha256"] = tokenizer_fingerprint(saved_pretrained)
+    meta_path.write_text(json.dumps(meta))
+    export_hf(tmp_path / "c", saved_pretrained, checkpoint=ck, log=lambda m: None)
+    _check_export_tokenizer(tmp_path / "c", saved_pretrained)
