@@ -150,29 +150,30 @@ TRAIN_CONFIG_SCALING = [
 """The README's training config (block `train-config`) at the tiny size; the runs set max_steps."""
 
 
-def make_workdir(root: Path, tokenizer: Path, shards: Path) -> Path:
+def make_workdir(root: Path, tokenizer: Path, shards: Path, *, fp32: bool = False) -> Path:
     """A directory laid out as the README's commands expect, from the session's fixtures: tok/ (the
-    tokenizer), data/ and wiki/ (shard sets made with it), ds_configs/ (batch 8), slurm/ (the
-    templates), and base.yaml (block `train-config`, scaled)."""
+    tokenizer), data/ and wiki/ (shard sets made with it), ds_configs/ (batch 8; bf16 off with `fp32`),
+    slurm/ (the templates), and base.yaml (block `train-config`, scaled)."""
     root.mkdir(parents=True, exist_ok=True)
     for name, target in (("tok", tokenizer), ("data", shards), ("wiki", shards), ("slurm", REPO / "slurm")):
         (root / name).symlink_to(target, target_is_directory=True)
-    scaled_ds_configs(root / "ds_configs")
+    scaled_ds_configs(root / "ds_configs", fp32=fp32)
     (root / "base.yaml").write_text(scaled(readme_block("train-config").text, TRAIN_CONFIG_SCALING))
     return root
 
 
-def sbatch_shim(bin_dir: Path, args: list[str], log: Path) -> Path:
-    """An `sbatch` for README lines on the test cluster: it adds `args` (sizes, output) and --parsable,
-    prints the job id as `sbatch --parsable` does and appends it to `log`. Inside a job (a template
-    submitting its follow-up job) it is the real sbatch, untouched."""
+def sbatch_shim(bin_dir: Path, log: Path) -> Path:
+    """An `sbatch` for README lines on the test cluster: it adds the flags in $SHIM_ARGS (sizes, output;
+    split at spaces) and --parsable before the line's own flags, prints the job id as `sbatch
+    --parsable` does and appends it to `log`. Inside a job (a template submitting its follow-up job)
+    it is the real sbatch, untouched."""
     real = shutil.which("sbatch") or "/usr/bin/sbatch"
     bin_dir.mkdir(parents=True, exist_ok=True)
     shim = bin_dir / "sbatch"
     shim.write_text(
         "#!/bin/bash\nset -euo pipefail\n"
         f'if [ -n "${{SLURM_JOB_ID:-}}" ]; then exec {shlex.quote(real)} "$@"; fi\n'
-        f'id=$({shlex.quote(real)} --parsable {shlex.join(args)} "$@")\n'
+        f'# shellcheck disable=SC2086\nid=$({shlex.quote(real)} --parsable ${{SHIM_ARGS:-}} "$@")\n'
         f'echo "${{id%%;*}}" >> {shlex.quote(str(log))}\necho "$id"\n')
     shim.chmod(0o755)
     return shim

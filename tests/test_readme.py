@@ -70,7 +70,8 @@ BLOCKS: dict[str, Checked | Exempt] = {
             "in a 2-task job on the test cluster; srun trains steps 1-2, mpirun (-np 2) resumes to 4"),
     )),
     "train-config": Checked((Run(f"{HERE}::trained_workdir", (), "as base.yaml with the tiny preset, sequence "
-                                 "64, intervals 1/2/2; ds_configs/ at batch 8 (readme_blocks.make_workdir)"),)),
+                                 "64, intervals 1/2/2; ds_configs/ at batch 8 (readme_blocks.make_workdir reads it)",
+                                 "make_workdir("),)),
     "mfu-formula": Checked((Run(f"{HERE}::test_mfu_formula_is_what_the_trainer_computes", (1,),
                                 "evaluated as Python and compared with metrics.flops_per_token and mfu"),)),
     "hf-export-import": Checked((Run(f"{HERE}::test_export_and_import_commands", (1, 2),
@@ -80,8 +81,9 @@ BLOCKS: dict[str, Checked | Exempt] = {
         Run(f"{TEMPLATES}::test_deepspeed_launcher_template_runs_from_its_hostfile", (2,), "2 ranks, preempted"),
         Run(f"{TEMPLATES}::test_preprocess_array_and_merge_equal_build_shards", (3,), "an array of 3 tasks"),
     )),
-    "plan": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written (the planner needs no GPU)"),)),
-    "plan-sweep": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written"),)),
+    "plan": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written (the planner needs no GPU)",
+                         '"plan": [['),)),
+    "plan-sweep": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written", '"plan-sweep": [['),)),
     "tests": Checked((
         Run(".ci/run", (1,), "CI runs exactly this line", "./scripts/setup.sh && .venv/bin/python -m pytest -q"),
         Run(f"{HERE}::test_fast_test_command_selects_the_fast_tests", (2,), "--collect-only: CI runs the tests"),

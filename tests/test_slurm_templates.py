@@ -10,7 +10,13 @@ in the environment), train the tiny model on CPU; a signalled run saves, requeue
 and matches an uninterrupted run loss for loss; the requeue decision follows the exit code only;
 the preprocessing array + merge equals the single-machine shards; export-hf runs chained after
 training; the trainer discovers its world through mpi4py under `srun --mpi=pmix` and `mpirun`; the
-`deepspeed`-launcher template runs from its generated hostfile.
+`deepspeed`-launcher template runs from its generated hostfile; a requeued job whose killed ranks
+left the run lock takes it over at once.
+
+The jobs of README.md's and slurm/README.md's SLURM blocks are submitted by running those lines
+with bash in a working directory laid out as they expect (`template_workdir`), through an `sbatch`
+that adds the size flags (tests/readme_blocks.py: `readme_lines_on_cluster`); tests/test_readme.py
+lists which test runs which line.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import pytest
 from cluster.slurm import REPO, JobResult, SlurmCluster, clean_env, slurm  # noqa: F401  (slurm: session fixture)
 from conftest import SMALL_SHARD_TOKENS, SMALL_VALID_FRACTION
+from readme_blocks import make_workdir, readme_block, run_bash, sbatch_shim, scaled, scaled_ds_configs
 
 from data_tools import build_shards_parallel as bsp
 from data_tools.build_shards import build_shards
@@ -40,7 +47,6 @@ SLURM_DIR = REPO / "slurm"
 TEMPLATES = sorted(SLURM_DIR.glob("*.sbatch"))
 SHELL_FILES = [*TEMPLATES, SLURM_DIR / "common.sh"]
 VENV = Path(sys.prefix)
-DS_CONFIG = REPO / "ds_configs" / "zero2_bf16.json"
 # The size overrides every training job gets: one node, two CPU "GPUs" (ranks), no GPUs.
 SIZE_2_RANKS = ["-N", "1", "--ntasks-per-node=2", "--gpus-per-node=0", "-c", "1"]
 STEPS = 10
@@ -199,20 +205,40 @@ def job_env(**knobs: str) -> dict[str, str]:
     return {**env, **knobs}
 
 
-def tiny_knobs(tmp: Path, tokenizer: Path, shards: Path, out: Path, *, steps: int = STEPS) -> dict[str, str]:
-    """CONFIG/DS_CONFIG/OUTPUT_DIR/EXTRA_ARGS for the tiny model on the test shards (fp32 on CPU)."""
+def template_workdir(tmp: Path, tokenizer: Path, shards: Path, *, steps: int = STEPS, **changes) -> Path:
+    """A submit directory as the README's SLURM lines expect: my.yaml and my_base.yaml (the tiny model
+    on the test shards, lr 6e-4 as slurm/README's EXTRA_ARGS sets it; `changes` added), ds_configs/
+    at batch 8 in fp32 (bf16 matmuls are slow on CPU), slurm/ (the templates), corpus/ and tok/."""
+    work = tmp / "work"
+    work.mkdir(parents=True)
     cfg = {
         "model": {"preset": "tiny", "max_positions": 66},
         "data": {"train": [str(shards / "train")], "max_seq_len": 64, "num_workers": 0},
-        "optim": {"total_steps": 20, "warmup_steps": 2},
+        "optim": {"total_steps": 20, "warmup_steps": 2, "lr": 6e-4},
         "tokenizer": str(tokenizer), "max_steps": steps, "log_interval": 1, "save_interval": steps,
-        "tensorboard": False,
+        "tensorboard": False, "ds_config": "ds_configs/zero2_bf16.json", **changes,
     }
-    path = tmp / "train_config.json"
-    path.write_text(json.dumps(cfg, indent=2))
-    # fp32: bf16 matmuls are slow on CPU.
-    extra_args = "--ds-set train_batch_size=8 --ds-set train_micro_batch_size_per_gpu=2 --ds-set bf16.enabled=false"
-    return {"CONFIG": str(path), "DS_CONFIG": str(DS_CONFIG), "OUTPUT_DIR": str(out), "EXTRA_ARGS": extra_args}
+    for name in ("my.yaml", "my_base.yaml"):
+        (work / name).write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+    scaled_ds_configs(work / "ds_configs", fp32=True)
+    (work / "slurm").symlink_to(SLURM_DIR, target_is_directory=True)
+    (work / "tok").symlink_to(tokenizer, target_is_directory=True)
+    return work
+
+
+def readme_lines_on_cluster(slurm: SlurmCluster, work: Path, lines: list[tuple[str, list[str]]],
+                            knobs: dict[str, str] | None = None) -> list[int]:
+    """Run README lines with bash in `work`, each with the sbatch flags given beside it (sizes for the
+    one-node cluster; the README's own flags follow and win); returns the submitted job ids in order."""
+    log = work / ".submitted"
+    log.write_text("")
+    sbatch_shim(work / ".bin", log)
+    script = "".join(f"export SHIM_ARGS={shlex.quote(' '.join(args))}\n{line}\n" for line, args in lines)
+    env = slurm.env(job_env(**(knobs or {})))
+    env["PATH"] = f"{work / '.bin'}{os.pathsep}{env['PATH']}"
+    proc = run_bash(script, work, env, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    return [int(x) for x in log.read_text().split()]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -226,16 +252,22 @@ def assert_completed(slurm: SlurmCluster, res) -> None:
     assert (res.state, res.exit_code) == ("COMPLETED", "0:0"), slurm.describe(res.job_id)
 
 
+def jobs_output(slurm: SlurmCluster) -> str:
+    """--output for README jobs: where `slurm.output(job)` reads a job's log."""
+    return f"--output={slurm.jobs_dir}/%j.out"
+
+
 @pytest.fixture(scope="module")
 def straight_run(slurm, small_tokenizer, small_shards, tmp_path_factory):
-    """pretrain.sbatch, 2 ranks, STEPS steps, then export_hf.sbatch chained with afterok."""
-    tmp = tmp_path_factory.mktemp("pretrain")
-    out = tmp / "run"
-    env = job_env(**tiny_knobs(tmp, small_tokenizer, small_shards, out))
-    job = slurm.sbatch(SLURM_DIR / "pretrain.sbatch", env=env, args=SIZE_2_RANKS, name="pretrain", cwd=tmp)
-    export = slurm.sbatch(SLURM_DIR / "export_hf.sbatch", env=job_env(RUN_DIR=str(out)),
-                          args=["-c", "1", f"--dependency=afterok:{job}", "--kill-on-invalid-dep=yes"],
-                          name="export", cwd=tmp)
+    """README.md's cluster block, lines 1 and 4: pretrain.sbatch (2 ranks, STEPS steps), then
+    export_hf.sbatch chained with afterok on $TRAIN."""
+    block = readme_block("cluster-sbatch").lines()
+    work = template_workdir(tmp_path_factory.mktemp("pretrain"), small_tokenizer, small_shards)
+    out = work / "runs" / "base"
+    job, export = readme_lines_on_cluster(slurm, work, [
+        (block[0], [*SIZE_2_RANKS, jobs_output(slurm)]),
+        (block[3], ["-c", "1", "--kill-on-invalid-dep=yes", jobs_output(slurm)]),
+    ])
     state = slurm.wait(job, 400)   # the first CPU run may JIT-build DeepSpeed's comm op
     info = slurm.job_info(job)
     res = JobResult(job, state, info.get("ExitCode", "?"), slurm.output(job))
@@ -287,11 +319,14 @@ def signal_after_3_steps(slurm: SlurmCluster, job: int, out: Path) -> None:
 @pytest.mark.slurm
 def test_preempted_run_saves_requeues_resumes_and_matches(slurm, straight_run, small_tokenizer, small_shards,
                                                           tmp_path):
+    """slurm/README.md's knobs example (EXTRA_ARGS' global batch 8192 -> 8), preempted and requeued."""
     ref_res, ref_out, _ = straight_run
     assert_completed(slurm, ref_res)
-    out = tmp_path / "run"
-    env = job_env(**tiny_knobs(tmp_path, small_tokenizer, small_shards, out), ROBERTA_DS_FAULTS=SLOW_STEP_3)
-    job = slurm.sbatch(SLURM_DIR / "pretrain.sbatch", env=env, args=SIZE_2_RANKS, name="preempt", cwd=tmp_path)
+    work = template_workdir(tmp_path, small_tokenizer, small_shards)
+    out = work / "runs" / "base"
+    line = scaled(readme_block("sbatch-knobs").lines()[0], [("train_batch_size=8192", "train_batch_size=8")])
+    [job] = readme_lines_on_cluster(slurm, work, [(line, [*SIZE_2_RANKS, jobs_output(slurm)])],
+                                    knobs={"ROBERTA_DS_FAULTS": SLOW_STEP_3})
     signal_after_3_steps(slurm, job, out)
     first = slurm.output(job)
     assert "[pretrain.sbatch] got SIGUSR1" in first and "exiting with 75 (requeue me)" in first, first
@@ -373,10 +408,15 @@ def test_requeue_limit(slurm, tmp_path):
 @pytest.mark.slurm
 def test_preprocess_array_and_merge_equal_build_shards(slurm, tmp_path, builtin_corpus, small_tokenizer,
                                                         small_shards):
-    env = job_env(INPUTS=str(builtin_corpus), TOKENIZER=str(small_tokenizer), OUTPUT_DIR="shards",
-                  VALID_FRACTION=str(SMALL_VALID_FRACTION), SHARD_TOKENS=str(SMALL_SHARD_TOKENS))
-    array = slurm.sbatch(SLURM_DIR / "preprocess.sbatch", env=env, name="prep", cwd=tmp_path,
-                         args=["--array=0-2", "-c", "1", f"--output={tmp_path}/prep-%A_%a.out"])
+    """The preprocessing line of README.md's cluster block and of slurm/README.md's chaining block (the
+    same line, run once), as an array of 3 tasks."""
+    line = readme_block("chaining").lines()[2].split("#")[0].strip()
+    assert line == readme_block("cluster-sbatch").lines()[2].split("#")[0].strip()
+    work = template_workdir(tmp_path, small_tokenizer, small_shards)
+    (work / "corpus").symlink_to(builtin_corpus, target_is_directory=True)
+    [array] = readme_lines_on_cluster(
+        slurm, work, [(line, ["--array=0-2", "-c", "1", f"--output={tmp_path}/prep-%A_%a.out"])],
+        knobs={"VALID_FRACTION": str(SMALL_VALID_FRACTION), "SHARD_TOKENS": str(SMALL_SHARD_TOKENS)})
     first = tmp_path / f"prep-{array}_0.out"
     deadline = time.monotonic() + 120
     while not (first.is_file() and "submitted merge job" in first.read_text()):
@@ -385,56 +425,76 @@ def test_preprocess_array_and_merge_equal_build_shards(slurm, tmp_path, builtin_
     merge = int(re.search(r"submitted merge job (\d+)", first.read_text()).group(1))
     assert slurm.wait(merge, 180) == "COMPLETED", slurm.describe(merge) + "\n" + "\n".join(
         p.read_text() for p in sorted(tmp_path.glob("*.out")))
-    assert tree_bytes(tmp_path / "shards") == tree_bytes(small_shards)    # .parts deleted, all else equal
+    assert tree_bytes(work / "data" / "shards") == tree_bytes(small_shards)    # .parts deleted, all else equal
     assert [bool(re.search(rf"task {t} of 3 ", (tmp_path / f"prep-{array}_{t}.out").read_text()))
             for t in range(3)] == [True] * 3
 
 
 @pytest.mark.slurm
 def test_trainer_under_srun_mpi_pmix_sees_mpi4py_world(slurm, tmp_path, small_tokenizer, small_shards):
-    env = job_env(**tiny_knobs(tmp_path, small_tokenizer, small_shards, tmp_path / "run", steps=2),
-                  SRUN_ARGS="--mpi=pmix")
-    res = slurm.run_job(SLURM_DIR / "pretrain.sbatch", env=env, args=SIZE_2_RANKS, name="pmix", cwd=tmp_path,
-                        timeout=300)
+    """slurm/README.md's chaining block, lines 1-2 (CONFIG and SRUN_ARGS=--mpi=pmix exported, as its
+    reader would): 2 steps, then the export chained on $train."""
+    block = readme_block("chaining").lines()
+    work = template_workdir(tmp_path, small_tokenizer, small_shards, steps=2)
+    job, export = readme_lines_on_cluster(
+        slurm, work, [(block[0], [*SIZE_2_RANKS, jobs_output(slurm)]),
+                      (block[1], ["-c", "1", "--kill-on-invalid-dep=yes", jobs_output(slurm)])],
+        knobs={"CONFIG": "my.yaml", "SRUN_ARGS": "--mpi=pmix"})
+    slurm.wait(job, 300)
+    res = JobResult(job, slurm.job_info(job).get("JobState", "?"), slurm.job_info(job).get("ExitCode", "?"),
+                    slurm.output(job))
     assert_completed(slurm, res)
     for rank in (0, 1):
         assert re.search(rf"^{rank}: \[roberta-ds dist\] \S+: rank {rank}/2 .* from slurm, mpi4py world 2;",
                          res.output, re.MULTILINE), res.output
     assert re.search(r"^0: \[roberta-ds\] rank 0/2 .* from slurm, mpi4py world 2;", res.output, re.MULTILINE), res.output
+    assert sorted(losses(work / "runs" / "roberta-pretrain")) == [1, 2]  # runs/<job name>: the template's default
+    assert slurm.wait(export, 300) == "COMPLETED", slurm.describe(export)
+    assert (work / "runs" / "roberta-pretrain" / "hf" / "step_00000002" / "model.safetensors").is_file()
 
 
 @pytest.mark.slurm
-def test_trainer_under_mpirun_discovers_mpi(slurm, tmp_path, small_tokenizer, small_shards):
-    knobs = tiny_knobs(tmp_path, small_tokenizer, small_shards, tmp_path / "run", steps=2)
-    cmd = [str(VENV / "bin" / "python"), "-m", "roberta_ds.train", "--config", knobs["CONFIG"],
-           "--ds-config", knobs["DS_CONFIG"], "--output-dir", knobs["OUTPUT_DIR"], *knobs["EXTRA_ARGS"].split()]
-    body = ("set -eu\nexport PATH=\"$VENV/bin:$PATH\" TORCH_EXTENSIONS_DIR=\"$VENV/torch_extensions\" "
-            "OMP_NUM_THREADS=1\n"
-            f"mpirun --allow-run-as-root --oversubscribe -np 2 {shlex.join(cmd)}\n")
-    res = slurm.run_job("#!/bin/bash\n" + body, env=job_env(), args=["-n", "2"], name="mpirun", cwd=tmp_path,
-                        timeout=300)
+def test_readme_srun_and_mpirun_lines_train_from_base_yaml(slurm, tmp_path, small_tokenizer, small_shards):
+    """README.md's `srun python -m roberta_ds.train ...` and `mpirun -np 16 ...` lines in a 2-task job,
+    with the README's YAML as base.yaml: srun trains steps 1-2, mpirun (2 processes) resumes to 4;
+    the trainer finds its world from SLURM, then through mpi4py."""
+    lines = readme_block("train-launch").lines()
+    work = make_workdir(tmp_path / "work", small_tokenizer, small_shards, fp32=True)
+    srun = scaled(lines[2], [("--config base.yaml", "--config base.yaml --set max_steps=2")])
+    mpirun = scaled(lines[3], [("mpirun -np 16", "mpirun --allow-run-as-root --oversubscribe -np 2"),
+                               ("--config base.yaml", "--config base.yaml --set max_steps=4")])
+    body = (f"set -eu\ncd {shlex.quote(str(work))}\nexport PATH=\"$VENV/bin:$PATH\" "
+            "TORCH_EXTENSIONS_DIR=\"$VENV/torch_extensions\" OMP_NUM_THREADS=1\n"
+            f"echo '=== srun'\n{srun}\necho '=== mpirun'\n{mpirun}\n")
+    res = slurm.run_job("#!/bin/bash\n" + body, env=job_env(), args=["-n", "2"], name="readme-launch",
+                        cwd=tmp_path, timeout=400)
     assert_completed(slurm, res)
-    assert re.search(r"\[roberta-ds\] rank 0/2 \(local 0/2\) from mpi, mpi4py world 2;", res.output), res.output
-    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    first, second = res.output.split("=== mpirun")
+    assert re.search(r"\[roberta-ds\] rank 0/2 \(local 0/2\) from slurm;", first), res.output
+    assert re.search(r"\[roberta-ds\] rank 0/2 \(local 0/2\) from mpi, mpi4py world 2;", second), res.output
+    assert "resumed from runs/base/checkpoints/step_00000002 at step 2" in second, res.output
+    assert sorted(losses(work / "runs" / "base")) == [1, 2, 3, 4]
 
 
 @pytest.mark.slurm
 def test_deepspeed_launcher_template_runs_from_its_hostfile(slurm, straight_run, tmp_path, small_tokenizer,
                                                             small_shards):
-    # Trains, and on USR1 the launchers (which ignore it) let the ranks save and pass their 75 up.
+    """README.md's cluster block, line 2. Trains, and on USR1 the launchers (which ignore it) let the
+    ranks save and pass their 75 up."""
     ref_res, ref_out, _ = straight_run
-    out = tmp_path / "run"
-    env = job_env(**tiny_knobs(tmp_path, small_tokenizer, small_shards, out), GPUS_PER_NODE="2",
-                  ROBERTA_DS_FAULTS=SLOW_STEP_3)
-    job = slurm.sbatch(SLURM_DIR / "pretrain_deepspeed.sbatch", env=env, name="dslauncher", cwd=tmp_path,
-                       args=["-N", "1", "--ntasks-per-node=1", "--gpus-per-node=0", "-c", "2"])
+    work = template_workdir(tmp_path, small_tokenizer, small_shards)
+    out = work / "runs" / "base-ds"
+    [job] = readme_lines_on_cluster(
+        slurm, work, [(readme_block("cluster-sbatch").lines()[1],
+                       ["-N", "1", "--ntasks-per-node=1", "--gpus-per-node=0", "-c", "2", jobs_output(slurm)])],
+        knobs={"GPUS_PER_NODE": "2", "ROBERTA_DS_FAULTS": SLOW_STEP_3})
     signal_after_3_steps(slurm, job, out)
     slurm.scancel(job)                                   # the resume is test_preempted_run_...'s business
     log = slurm.output(job)
     host = slurm.run(["hostname", "-s"]).stdout.strip()
     hostfile = out / f"hostfile-{job}"
     assert hostfile.read_text() == f"{host} slots=2\n"
-    assert f"hostfile {hostfile}:\n    {host} slots=2\n" in log and "dist_world_size=2" in log, log
+    assert f"hostfile runs/base-ds/hostfile-{job}:\n    {host} slots=2\n" in log and "dist_world_size=2" in log, log
     assert re.search(r"\[roberta-ds\] rank 0/2 \(local 0/2\) from deepspeed;", log), log
     saved = int(re.search(r"checkpoint \S+step_(\d+) committed \(signal SIGUSR1\)", log).group(1))
     assert f"requeueing job {job} (restart 1)" in log, log
@@ -442,3 +502,38 @@ def test_deepspeed_launcher_template_runs_from_its_hostfile(slurm, straight_run,
     assert_completed(slurm, ref_res)
     want = losses(ref_out)
     assert losses(out) == {s: want[s] for s in range(1, saved + 1)}
+
+
+@pytest.mark.slurm
+def test_requeued_job_takes_over_its_lock_at_once(slurm, tmp_path, small_tokenizer, small_shards):
+    """A job whose rank 0 is killed with kill -9 (a node lost, say) leaves its run lock with a fresh
+    heartbeat; requeued, the same job id takes the lock over at once (lock_timeout_s is an hour here),
+    resumes and finishes; the lock is gone at the end."""
+    from roberta_ds.run_lock import LOCK_NAME, read_holder
+
+    gate = tmp_path / "go"
+    work = template_workdir(tmp_path, small_tokenizer, small_shards, steps=4, save_interval=2, lock_timeout_s=3600)
+    out = work / "runs" / "requeue"
+    env = job_env(CONFIG="my.yaml", OUTPUT_DIR=str(out), ROBERTA_DS_FAULTS=f"wait={gate}@step:step=3,rank=0")
+    job = slurm.sbatch(SLURM_DIR / "pretrain.sbatch", env=env, args=SIZE_2_RANKS, name="lock-requeue", cwd=work)
+    deadline = time.monotonic() + 300
+    while max(losses(out), default=0) < 3 or read_holder(out / LOCK_NAME) is None:
+        assert time.monotonic() < deadline and slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING"), \
+            slurm.describe(job)
+        time.sleep(0.2)
+    holder = read_holder(out / LOCK_NAME)
+    assert holder.slurm_job_id == str(job) and holder.slurm_restart == 0
+    os.kill(holder.pid, 9)                               # rank 0, waiting at the start of step index 3
+    assert slurm.wait(job, 120) == "FAILED", slurm.describe(job)   # rank 1's collective fails: exit 4
+    assert read_holder(out / LOCK_NAME) == holder        # nobody released it
+    gate.touch()
+    slurm.requeue(job)
+    assert slurm.wait(job, 300) == "COMPLETED", slurm.describe(job)
+    log = slurm.output(job)
+    took = re.search(rf"took over {re.escape(str(out / LOCK_NAME))} from host {re.escape(holder.host)}, pid "
+                     rf"{holder.pid}, SLURM job {job}( on cluster \S+)? \(restart 0\), last heartbeat .*: the same "
+                     rf"SLURM job {job}, requeued \(restart 0 -> 1\)", log)
+    assert took, log
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in log, log
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert not (out / LOCK_NAME).exists()
