@@ -322,9 +322,10 @@ class TrainConfig:
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
             _require(self.max_steps <= self.optim.total_steps, "max_steps",
-                     f"{self.max_steps} exceeds optim.total_steps {self.optim.total_steps}, where the learning-rate "
-                     f"schedule ends (from there on lr = optim.end_lr = {self.optim.end_lr:g}); max_steps only "
-                     "stops a run early. Lengthen the schedule with optim.total_steps, or lower max_steps")
+                     f"{self.max_steps} exceeds optim.total_steps {self.optim.total_steps}, where the "
+                     f"learning-rate schedule ends (from there on lr = optim.end_lr = {self.optim.end_lr:g}); "
+                     "max_steps only stops a run early. Lengthen the schedule with optim.total_steps, or "
+                     "lower max_steps")
         _require(not self.compile_options or self.compile, "compile_options", "needs compile: true")
 
     @property

@@ -44,7 +44,7 @@ class _Refused(Exception):
         self.expected = expected
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """{field name: resolved annotation} of a dataclass (annotations are strings under
     `from __future__ import annotations`; get_type_hints evaluates them in the class's module)."""
@@ -122,7 +122,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, dict):
             unknown = sorted(set(value) - set(field_types(annotation)))
             if unknown:
-                raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {sorted(field_types(annotation))}")
+                known = sorted(field_types(annotation))
+                raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {known}")
             return annotation(**value)
         raise _Refused(describe(annotation))
     raise TypeError(f"{name}: config_types cannot check the annotation {annotation!r}; add it to _coerce")
@@ -177,7 +178,8 @@ def _to_int(value: Any) -> int:
 
 def _to_union(value: Any, annotation: Any, args: tuple[Any, ...], name: str) -> Any:
     members = [a for a in args if a is not type(None)]
-    if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS)):
+    none_word = isinstance(value, str) and value.strip().lower() in NONE_WORDS
+    if type(None) in args and (value is None or none_word):
         return None
     for member in members:  # in order: "true" is True for `bool | str`, "auto" stays a string
         try:

@@ -7,9 +7,10 @@
 
 Export reads a DeepSpeed checkpoint of any ZeRO stage / precision (ds_checkpoint.py) or a plain
 state dict, and writes `config.json`, `model.safetensors` (no pickles) and the tokenizer files into a
-temporary directory. `--tokenizer` is any directory holding the tokenizer.json the model was trained
-with (ours, a transformers `save_pretrained` directory, or tokenizer.json alone: hf_tokenizer.py). Before that directory is renamed to `--out` it must pass a check: transformers
-loads it with no extra arguments, the tied decoder equals the word embedding, `AutoTokenizer`
+temporary directory (`--tokenizer`: any directory holding the tokenizer.json the model was trained
+with: ours, a transformers `save_pretrained` directory, or tokenizer.json alone; hf_tokenizer.py).
+Before that directory is renamed to `--out` it must pass a check: transformers loads it with no extra
+arguments, the tied decoder equals the word embedding, `AutoTokenizer`
 encodes like tokenizer.json, and the logits equal ours within 1e-4 (fp32) on a batch with padding
 and a full-length row (hf_parity.py). On any failure nothing is left at `--out` and the exit code
 is 1. The model config comes from the checkpoint's `roberta_ds.json` (whose tokenizer fingerprint

@@ -69,8 +69,9 @@ def roberta_config_files() -> dict[str, bytes]:
 
 
 def _adopt_hint(tok_dir: Path) -> str:
-    return (f"adopt its tokenizer.json, which keeps the fingerprint and adds RoBERTa's tokenizer files: "
-            f"`roberta-ds tokenizer --out tok/ --from {tok_dir / TOKENIZER_FILE}`, then pass --tokenizer tok/")
+    return ("adopt its tokenizer.json, which keeps the fingerprint and adds RoBERTa's tokenizer files: "
+            f"`roberta-ds tokenizer --out tok/ --from {tok_dir / TOKENIZER_FILE}`, then pass "
+            "--tokenizer tok/")
 
 
 def check_auto_tokenizer(tok_dir: Path, special_ids: dict[str, int]) -> None:
@@ -116,7 +117,8 @@ def export_files(tok_dir: Path, special_ids: dict[str, int]) -> dict[str, bytes]
     are tokenizer.json's (tokenizer.TokenizerInfo.special_ids)."""
     require_tokenizer_json(tok_dir)
     files = {TOKENIZER_FILE: (tok_dir / TOKENIZER_FILE).read_bytes()}
-    files.update({name: (tok_dir / name).read_bytes() for name in OPTIONAL_FILES if (tok_dir / name).is_file()})
+    files.update({name: (tok_dir / name).read_bytes()
+                  for name in OPTIONAL_FILES if (tok_dir / name).is_file()})
     if CONFIG_FILE in files:
         check_auto_tokenizer(tok_dir, special_ids)
     else:

@@ -84,7 +84,8 @@ class Holder:
         if self.slurm_job_id:
             job += f" (restart {self.slurm_restart})"
         beat = datetime.fromtimestamp(self.heartbeat, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        return f"host {self.host}, pid {self.pid}, {job}, last heartbeat {beat} ({now - self.heartbeat:.0f} s ago)"
+        age = now - self.heartbeat
+        return f"host {self.host}, pid {self.pid}, {job}, last heartbeat {beat} ({age:.0f} s ago)"
 
 
 def heartbeat_interval(timeout_s: float) -> float:
@@ -234,9 +235,11 @@ class RunLock:
                 replace(path, me)
             finally:
                 claim.unlink(missing_ok=True)
-            reason = (f"the same SLURM job {holder.slurm_job_id}, requeued (restart {holder.slurm_restart} -> "
-                      f"{me.slurm_restart})" if why == "requeue" else
-                      f"its heartbeat is older than lock_timeout_s = {timeout_s:g} s")
+            if why == "requeue":
+                reason = (f"the same SLURM job {holder.slurm_job_id}, requeued (restart "
+                          f"{holder.slurm_restart} -> {me.slurm_restart})")
+            else:
+                reason = f"its heartbeat is older than lock_timeout_s = {timeout_s:g} s"
             log(f"[roberta-ds] took over {path} from {holder.describe(now)}: {reason}")
             return cls._held(path, me)
         raise RunLockError(f"{path}: could not take the lock; other launches keep changing it")
@@ -275,7 +278,8 @@ class RunLock:
                     failing = False
                 except OSError as e:  # a full disk, a filesystem hiccup: keep trying; the lock stays ours
                     if not failing:
-                        log(f"[roberta-ds] warning: cannot refresh the heartbeat of {self.path} ({e}); retrying")
+                        log(f"[roberta-ds] warning: cannot refresh the heartbeat of {self.path} ({e}); "
+                            "retrying")
                     failing = True
 
         self._thread = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)

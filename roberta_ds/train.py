@@ -166,7 +166,8 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     comm.agree_error(_scan_token_range(data, cfg.model.vocab_size, comm.rank, comm.world))
 
     out = Path(cfg.output_dir)
-    comm.agree_error(_hold_output_dir(out, cfg.lock_timeout_s, comm.rank))  # before anything reads or writes it
+    # Before anything reads or writes the output directory: one run per directory.
+    comm.agree_error(_hold_output_dir(out, cfg.lock_timeout_s, comm.rank))
     ckpt_dir = out / "checkpoints"
     model_dict = config_to_dict(cfg.model)
 

@@ -16,11 +16,13 @@ block is marked and names what runs each line of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +76,14 @@ def parse(path: Path) -> list[Block]:
             j = i + 1
             while j < len(lines) and not re.match(rf"^ {{0,3}}{fence}`*\s*$", lines[j]):
                 j += 1
-            body = [line[len(indent):] if line.startswith(indent) else line.lstrip() for line in lines[i + 1:j]]
+            body = [line[len(indent):] if line.startswith(indent) else line.lstrip()
+                    for line in lines[i + 1:j]]
             k = i - 1
             while k >= 0 and not lines[k].strip():
                 k -= 1
             marker = MARKER.match(lines[k]) if k >= 0 else None
-            blocks.append(Block(path, i + 1, marker.group(1) if marker else None, lang, "\n".join(body) + "\n"))
+            name = marker.group(1) if marker else None
+            blocks.append(Block(path, i + 1, name, lang, "\n".join(body) + "\n"))
             i = j + 1
             continue
         if lines[i].startswith("    ") and lines[i].strip() and (i == 0 or not lines[i - 1].strip()):
@@ -101,19 +105,31 @@ def readme_block(name: str) -> Block:
 
 
 def scaled(text: str, replacements: list[tuple[str, str]]) -> str:
-    """`text` with each (old, new) replaced; every `old` must occur (else the README changed under the test)."""
+    """`text` with each (old, new) replaced; every `old` must occur (else the README changed under the
+    test)."""
     for old, new in replacements:
         if old not in text:
-            raise AssertionError(f"the README text {text!r} no longer contains {old!r}: update the test's scaling "
-                                 "to the new command")
+            raise AssertionError(f"the README text {text!r} no longer contains {old!r}: update the test's "
+                                 "scaling to the new command")
         text = text.replace(old, new)
     return text
 
 
-def run_bash(script: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `script` with bash (-e -u -o pipefail) in its own session; stdout and stderr together."""
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout, start_new_session=True, check=False)
+def run_bash(script: str, cwd: Path, env: dict[str, str],
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `script` with bash (-e -u -o pipefail) in its own process group, stdout and stderr together;
+    whatever it started is killed when it ends (or at `timeout`)."""
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0] + f"\n[readme_blocks] killed after {timeout} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output)
 
 
 def user_env(extra: dict[str, str] | None = None) -> dict[str, str]:

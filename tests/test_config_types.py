@@ -56,7 +56,8 @@ def wrong_value(annotation: Any) -> Any:
 
 
 def _cases() -> list[tuple[type, str, Any]]:
-    return [(cls, name, annotation) for cls in CONFIG_CLASSES for name, annotation in field_types(cls).items()]
+    return [(cls, name, annotation) for cls in CONFIG_CLASSES
+            for name, annotation in field_types(cls).items()]
 
 
 def test_the_config_classes_are_all_found() -> None:
@@ -74,15 +75,19 @@ def test_every_field_refuses_a_wrong_type_naming_it(cls: type, name: str, annota
 
 def _numeric_fields() -> list[tuple[type, str, Any]]:
     return [(cls, name, ann) for cls, name, ann in _cases()
-            if set(_members(ann)) & {int, float} and getattr(cls(**REQUIRED.get(cls.__name__, {})), name) is not None]
+            if set(_members(ann)) & {int, float}
+            and getattr(cls(**REQUIRED.get(cls.__name__, {})), name) is not None]
 
 
-@pytest.mark.parametrize("cls, name, annotation", _numeric_fields(), ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("cls, name, annotation", _numeric_fields(),
+                         ids=lambda v: getattr(v, "__name__", str(v)))
 def test_every_numeric_field_takes_its_value_as_text(cls: type, name: str, annotation: Any) -> None:
     """What YAML 1.1 leaves a string (`1e-3`, `5e5`), JSON's floats and plain text all give the number."""
     base = REQUIRED.get(cls.__name__, {})
     default = getattr(cls(**base), name)
-    forms = [str(default), f"{float(default):e}", f" {default!r} "] + ([float(default)] if int in _members(annotation) else [])
+    forms = [str(default), f"{float(default):e}", f" {default!r} "]
+    if int in _members(annotation):
+        forms.append(float(default))
     for form in forms:
         got = getattr(cls(**{**base, name: form}), name)
         assert got == default and type(got) is type(default), (form, got)
@@ -105,9 +110,10 @@ def test_yaml_and_command_line_forms_of_a_learning_rate(tmp_path: Path) -> None:
         load_train_config(None, ["optim.total_steps=2.5"])
 
 
-@pytest.mark.parametrize("text, value", [("true", True), ("yes", True), ("on", True), ("Y", True), ('"True"', True),
-                                         ("1", True), ("false", False), ("no", False), ("off", False),
-                                         ('"n"', False), ("0", False)])
+@pytest.mark.parametrize("text, value", [
+    ("true", True), ("yes", True), ("on", True), ("Y", True), ('"True"', True), ("1", True),
+    ("false", False), ("no", False), ("off", False), ('"n"', False), ("0", False),
+])
 def test_booleans_take_yamls_forms(tmp_path: Path, text: str, value: bool) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(f"model: {{activation_checkpointing: {text}}}\ntensorboard: {text}\n")
@@ -126,7 +132,8 @@ def test_lists_and_mappings_are_checked() -> None:
         ({"data": {"train": 3}}, "data.train: expected a shard set directory or a list of them, got 3 (int)"),
         ({"model": "tiny"}, "model: expected a mapping, got 'tiny' (str)"),
         ({"optim": [1]}, "optim: expected a mapping, got [1] (list)"),
-        ({"compile": True, "compile_options": ["x"]}, "compile_options: expected a mapping, got ['x'] (list)"),
+        ({"compile": True, "compile_options": ["x"]},
+         "compile_options: expected a mapping, got ['x'] (list)"),
         ({"model": {"preset": 3}}, "model.preset: expected a string, got 3 (int)"),
     ]:
         with pytest.raises(ConfigError) as e:
@@ -135,7 +142,8 @@ def test_lists_and_mappings_are_checked() -> None:
 
 
 def test_max_steps_never_runs_past_the_schedule() -> None:
-    """max_steps stops early; one beyond optim.total_steps (steps at lr end_lr = 0) is refused, naming both."""
+    """max_steps stops early; one beyond optim.total_steps (steps at lr end_lr = 0) is refused, naming
+    both fields."""
     base = [*TINY_SET, "optim.warmup_steps=5"]
     assert load_train_config(None, [*base, "optim.total_steps=80", "max_steps=80"]).last_step == 80
     assert load_train_config(None, [*base, "optim.total_steps=80", "max_steps=30"]).last_step == 30
@@ -150,6 +158,7 @@ def test_a_wrong_type_stops_the_trainer_before_any_process_talks(tmp_path: Path)
     """`roberta-ds train` under the deepspeed launcher: both ranks refuse the config at once (exit 1,
     the message, no traceback), before discovery, the process group or DeepSpeed."""
     from launch import trainer_command
+
     from roberta_ds.quickstart import launcher_env
 
     cfg = tmp_path / "c.yaml"

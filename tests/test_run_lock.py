@@ -19,8 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from roberta_ds.run_lock import (LOCK_NAME, Holder, RunLock, RunLockError, read_holder, replace, this_process,
-                                 verdict)
+from roberta_ds.run_lock import (
+    LOCK_NAME,
+    Holder,
+    RunLock,
+    RunLockError,
+    read_holder,
+    replace,
+    this_process,
+    verdict,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
@@ -43,8 +51,9 @@ def test_verdict() -> None:
     # launch inside one job), another job, or the same id on another cluster: only when stale.
     assert verdict(_holder(**job, slurm_restart=0, heartbeat=fresh), me, 1000.0, 300) == "requeue"
     assert verdict(_holder(**job, slurm_restart=1, heartbeat=fresh), me, 1000.0, 300) == "refuse"
-    assert verdict(_holder(slurm_job_id="43", slurm_cluster="c1", heartbeat=fresh), me, 1000.0, 300) == "refuse"
-    assert verdict(_holder(slurm_job_id="42", slurm_cluster="c2", heartbeat=fresh), me, 1000.0, 300) == "refuse"
+    for job_id, cluster in (("43", "c1"), ("42", "c2")):
+        other = _holder(slurm_job_id=job_id, slurm_cluster=cluster, slurm_restart=0, heartbeat=fresh)
+        assert verdict(other, me, 1000.0, 300) == "refuse"
 
 
 def test_acquire_refuse_release(tmp_path: Path) -> None:
@@ -56,8 +65,9 @@ def test_acquire_refuse_release(tmp_path: Path) -> None:
     with pytest.raises(RunLockError) as e:
         RunLock.acquire(out, 300.0, environ={})
     message = str(e.value)
-    assert message.startswith(f"output_dir {out} is in use by another run: {out / LOCK_NAME} names host {HOST}, "
-                              f"pid {os.getpid()}, SLURM job 7 on cluster c1 (restart 0), last heartbeat 20")
+    assert message.startswith(f"output_dir {out} is in use by another run: {out / LOCK_NAME} names host "
+                              f"{HOST}, pid {os.getpid()}, SLURM job 7 on cluster c1 (restart 0), last "
+                              "heartbeat 20")
     assert "lock_timeout_s = 300 s" in message and f"delete {out / LOCK_NAME}" in message
     assert read_holder(out / LOCK_NAME) == held  # the refused launch changed nothing
     lock.release()
@@ -90,7 +100,8 @@ def test_heartbeat_advances_and_a_takeover_stops_the_old_holder(tmp_path: Path) 
     while not lost:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert lost[0].startswith(f"{tmp_path / LOCK_NAME} was taken over; it now names host {HOST}, pid 4242,")
+    assert lost[0].startswith(f"{tmp_path / LOCK_NAME} was taken over; it now names host {HOST}, "
+                              "pid 4242,")
     assert read_holder(tmp_path / LOCK_NAME) == other  # the old holder never wrote over it
     lock.release()
     assert read_holder(tmp_path / LOCK_NAME) == other
@@ -109,8 +120,8 @@ time.sleep(600)
 
 def test_holder_killed_with_kill_9_is_taken_over_after_the_timeout(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(out)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert proc.stdout.readline() == "held\n"
         first = read_holder(out / LOCK_NAME)
@@ -122,15 +133,17 @@ def test_holder_killed_with_kill_9_is_taken_over_after_the_timeout(tmp_path: Pat
     dead = read_holder(out / LOCK_NAME)
     assert dead.pid == proc.pid
     # Dead, but not yet known to be: a launch with a long timeout is refused, naming the holder.
-    with pytest.raises(RunLockError, match=rf"names host {HOST}, pid {proc.pid}, no SLURM job, last heartbeat"):
+    with pytest.raises(RunLockError,
+                       match=rf"names host {HOST}, pid {proc.pid}, no SLURM job, last heartbeat"):
         RunLock.acquire(out, 60.0)
     while time.time() - dead.heartbeat <= 1.0:
         time.sleep(0.05)
     logs: list[str] = []
     lock = RunLock.acquire(out, 1.0, log=logs.append)
     assert read_holder(out / LOCK_NAME) == lock.me
-    assert len(logs) == 1 and logs[0].startswith(f"[roberta-ds] took over {out / LOCK_NAME} from host {HOST}, "
-                                                 f"pid {proc.pid}, no SLURM job, last heartbeat ")
+    assert len(logs) == 1 and logs[0].startswith(
+        f"[roberta-ds] took over {out / LOCK_NAME} from host {HOST}, pid {proc.pid}, no SLURM job, "
+        "last heartbeat ")
     assert logs[0].endswith("its heartbeat is older than lock_timeout_s = 1 s")
     lock.release()
 
@@ -178,5 +191,6 @@ def test_launches_taking_over_a_stale_lock_together_have_one_winner(tmp_path: Pa
     assert len(winners) == 1, outcomes
     assert holder.pid == winners[0]
     refusals = [m for kind, m in outcomes if kind == "refused"]
-    assert all("is in use by another run" in m or "another launch is taking over" in m for m in refusals), refusals
+    assert all("is in use by another run" in m or "another launch is taking over" in m
+               for m in refusals), refusals
     assert not list(out.glob(f"{LOCK_NAME}.takeover-*")) and not list(out.glob(".*.tmp"))

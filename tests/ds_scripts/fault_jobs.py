@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from launch import Result, free_port, tiny_args, trainer_command
 
-from launch import Result, free_port, trainer_command, tiny_args
 from roberta_ds import checkpoint as ckpt
 from roberta_ds.quickstart import launcher_env
 
@@ -53,7 +53,8 @@ def fault_args(tokenizer: Path, shards: Path, out: Path, *, steps: int = STEPS, 
     15 s (collectives) and 2 s (the run lock)."""
     return tiny_args(tokenizer, shards, out, steps=steps, extra=[
         "--set", f"save_interval={SAVE_EVERY}", "--set", "keep_last=100",
-        "--set", f"collective_timeout_s={TIMEOUT_S}", "--set", f"lock_timeout_s={LOCK_TIMEOUT_S}", *extra], **kw)
+        "--set", f"collective_timeout_s={TIMEOUT_S}", "--set", f"lock_timeout_s={LOCK_TIMEOUT_S}",
+        *extra], **kw)
 
 
 def wait_until_lock_is_stale(out: Path, timeout_s: float = LOCK_TIMEOUT_S):
@@ -68,7 +69,7 @@ def wait_until_lock_is_stale(out: Path, timeout_s: float = LOCK_TIMEOUT_S):
     return holder
 
 
-def took_over(job: "Job", holder, timeout_s: float = LOCK_TIMEOUT_S) -> bool:
+def took_over(job: Job, holder, timeout_s: float = LOCK_TIMEOUT_S) -> bool:
     """Whether the job's log says it took over the lock `holder` left because its heartbeat was stale."""
     return any(f"took over {job.out_dir / 'run.lock'} from host {holder.host}, pid {holder.pid}, " in line
                and line.endswith(f"its heartbeat is older than lock_timeout_s = {timeout_s:g} s")
