@@ -95,8 +95,11 @@ def _float_or_none(x: Any) -> float | None:
 
 
 def close_trainer(trainer: Any) -> None:
+    from roberta_ds.run_lock import release_held
+
     trainer.loader.close()  # shuts the DataLoader workers down now
     trainer.sink.close()
+    release_held()  # the run directory's lock (train.setup took it), as the trainer's exit does
 
 
 def count_syncs(step, device) -> int | None:

@@ -209,6 +209,15 @@ class RunLock:
     def acquire(cls, out_dir: Path, timeout_s: float, log: Callable[[str], Any] = print,
                 environ: dict[str, str] | None = None) -> RunLock:
         """Take `out_dir`'s lock (creating the directory), or raise RunLockError naming the holder."""
+        try:
+            return cls._acquire(out_dir, timeout_s, log, environ)
+        except OSError as e:  # a read-only or full filesystem, no permission: say where
+            raise RunLockError(f"output_dir {out_dir}: cannot take the run lock {out_dir / LOCK_NAME} "
+                               f"({e.strerror or e})") from None
+
+    @classmethod
+    def _acquire(cls, out_dir: Path, timeout_s: float, log: Callable[[str], Any],
+                 environ: dict[str, str] | None) -> RunLock:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / LOCK_NAME
         me = this_process(timeout_s, environ)

@@ -194,3 +194,11 @@ def test_launches_taking_over_a_stale_lock_together_have_one_winner(tmp_path: Pa
     assert all("is in use by another run" in m or "another launch is taking over" in m
                for m in refusals), refusals
     assert not list(out.glob(f"{LOCK_NAME}.takeover-*")) and not list(out.glob(".*.tmp"))
+
+
+def test_a_directory_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"  # under a regular file: mkdir fails (as root too)
+    with pytest.raises(RunLockError,
+                       match=rf"^output_dir {out}: cannot take the run lock {out / LOCK_NAME} \("):
+        RunLock.acquire(out, 300.0)
