@@ -154,6 +154,7 @@ def test_max_steps_never_runs_past_the_schedule() -> None:
                                    "schedule ends (from there on lr = optim.end_lr = 0)")
 
 
+@pytest.mark.slow
 def test_a_wrong_type_stops_the_trainer_before_any_process_talks(tmp_path: Path) -> None:
     """`roberta-ds train` under the deepspeed launcher: both ranks refuse the config at once (exit 1,
     the message, no traceback), before discovery, the process group or DeepSpeed."""
