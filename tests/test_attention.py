@@ -203,8 +203,10 @@ def test_unpad_needs_varlen():
         model_config("tiny", vocab_size=V, unpad=True)
     with pytest.raises(ConfigError, match="model.unpad"):  # "auto" does not stand in for varlen
         model_config("tiny", vocab_size=V, attention_kernel="auto", unpad=True)
-    with pytest.raises(ConfigError, match=r"model.unpad: must be true, false or \"auto\", got 'yes'"):
-        model_config("tiny", vocab_size=V, attention_kernel="varlen", unpad="yes")
+    with pytest.raises(ConfigError, match=r"model.unpad: must be true, false or \"auto\", got 'maybe'"):
+        model_config("tiny", vocab_size=V, attention_kernel="varlen", unpad="maybe")
+    # YAML's boolean words are booleans (config_types.py).
+    assert model_config("tiny", vocab_size=V, attention_kernel="varlen", unpad="yes").unpad is True
 
 
 # ----------------------------------------------------------------------------------------------
