@@ -1,13 +1,16 @@
-"""A real one-node SLURM cluster for tests: start it in a temp dir, submit jobs, wait, stop it.
+"""A real SLURM cluster for tests: start it in a temp dir, submit jobs, wait, stop it.
 
     with slurm_cluster() as c:                      # runs start_slurm.sh (installs packages if missing)
         job = c.sbatch("#!/bin/bash\\nsrun -n 2 hostname\\n", args=["-n", "2"])
         assert c.wait(job, timeout=60) == "COMPLETED", c.describe(job)
         print(c.output(job))
+    with slurm_cluster(nodes=3) as c:               # 3 nodes rdsnode1..3 on this machine (node.sh)
+        c.crash("rdsnode2")                         # SIGKILL everything on node 2; c.restore("rdsnode2")
 
-Tests use the session fixture `slurm` (one cluster per pytest run; tests that need it carry
-`@pytest.mark.slurm`). It skips, saying why, without root, without apt-get when packages are
-missing, or when ROBERTA_DS_SLURM=0. A cluster that fails to start is an error, not a skip.
+Tests use the session fixtures `slurm` (the one-node cluster) and `slurm_multinode` (MULTINODE_NODES
+namespace nodes), one of each per pytest run; tests that need one carry `@pytest.mark.slurm`. They
+skip, saying why, without root, without apt-get when packages are missing, or when
+ROBERTA_DS_SLURM=0. A cluster that fails to start is an error, not a skip.
 
 The daemons listen on free ports and read $base/slurm.conf (nothing is written to /etc/slurm), so
 the cluster does not disturb another one on the machine. Clients find it through SLURM_CONF, which
@@ -21,6 +24,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,7 +37,12 @@ START = HERE / "start_slurm.sh"
 STOP = HERE / "stop_slurm.sh"
 REPO = HERE.parent.parent
 
+NODE_SH = HERE / "node.sh"
+
 NEEDED_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "mpirun")
+MULTINODE_NODES = 3
+"""Nodes of the multi-node test cluster: jobs take 2, so a job requeued after a node failure finds 2
+healthy ones."""
 FINAL_STATES = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
     "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
@@ -54,13 +63,16 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def skip_reason() -> str | None:
+def skip_reason(multinode: bool = False) -> str | None:
     """Why the SLURM tests cannot run here, or None if they can (CI: root + apt-get)."""
     if os.environ.get("ROBERTA_DS_SLURM", "1") == "0":
         return "ROBERTA_DS_SLURM=0"
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "needs root (it installs and starts slurmctld/slurmd/munge as root)"
-    if all(shutil.which(c) or Path("/usr/sbin", c).exists() for c in NEEDED_COMMANDS):
+    if multinode and sys.platform != "linux":
+        return "needs Linux network namespaces"
+    needed = NEEDED_COMMANDS + (("ip", "nsenter", "unshare") if multinode else ())
+    if all(shutil.which(c) or Path("/usr/sbin", c).exists() for c in needed):
         return None
     if shutil.which("apt-get") is None:
         return "SLURM/OpenMPI are not installed and there is no apt-get to install them"
@@ -97,7 +109,6 @@ class SlurmCluster:
         self.conf = base / "slurm.conf"
         self.jobs_dir = base / "jobs"
         self.slurmctld_log = base / "log" / "slurmctld.log"
-        self.slurmd_log = base / "log" / "slurmd.log"
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -224,64 +235,146 @@ class SlurmCluster:
         parts = [f"--- scontrol show job {job_id}", self.run(["scontrol", "show", "job", str(job_id)],
                                                                check=False).stdout,
                  f"--- output {self.output_path(job_id)}", self.output(job_id)[-4000:]]
-        for log in (self.slurmctld_log, self.slurmd_log):
+        parts += ["--- sinfo", self.run(["sinfo", "-N", "-o", "%N %T %E"], check=False).stdout]
+        for log in (self.slurmctld_log, *sorted(self.slurmctld_log.parent.glob("slurmd*.log"))):
             lines = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
             parts += [f"--- tail {log}", "\n".join(lines)]
         return "\n".join(parts)
 
 
-@contextlib.contextmanager
-def slurm_cluster(base: str | Path | None = None, *, auth: str = "none", with_mpi: bool = True,
-                  install: bool = True, keep: bool = False) -> Iterator[SlurmCluster]:
-    """Start a one-node cluster under `base` (default: a new temp dir), yield it, stop it.
+class MultiNodeCluster(SlurmCluster):
+    """A cluster of namespace nodes rdsnode1..N on this machine (start_slurm.sh with SLURM_NODES=N,
+    tests/cluster/node.sh), with the faults a real cluster has: a node crashing, its link cut."""
 
-    auth: "none" (no munge daemon) or "munge". install: apt-get the missing packages.
-    keep: leave the base directory (logs, job outputs) after stopping, for debugging; it is also
-    kept when ROBERTA_DS_SLURM_KEEP=1.
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        env = dict(line.split("=", 1) for line in (base / "cluster.env").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+        self.nodes = [f"rdsnode{i}" for i in range(1, int(env["RDS_NODES"]) + 1)]
+        self.net = env["RDS_NET"]
+        """The first three octets of the cluster's /28; node i is .(i+1), the bridge .1."""
+        self.netns_prefix = f"rds{env['RDS_ID']}n"
+
+    def address(self, node: str) -> str:
+        return f"{self.net}.{self.nodes.index(node) + 2}"
+
+    def node_sh(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(["bash", str(NODE_SH), args[0], str(self.base), *args[1:]], timeout=timeout, check=check)
+
+    def run_on(self, node: str, argv: Sequence[str], timeout: float = 60,
+               check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command on `node`: its network, hostname and /etc/hosts (not as a job)."""
+        return self.node_sh("run", node, *argv, timeout=timeout, check=check)
+
+    def crash(self, node: str) -> None:
+        """SIGKILL every process in the node's network namespace: slurmd, job steps, ranks."""
+        self.node_sh("crash", node)
+
+    def cut(self, node: str) -> None:
+        """A network partition: the node's link goes down; its processes keep running."""
+        self.node_sh("cut", node)
+
+    def heal(self, node: str) -> None:
+        self.node_sh("heal", node)
+
+    def netns_pids(self, node: str) -> list[int]:
+        """Processes in the node's network namespace (slurmd included)."""
+        ns = f"{self.netns_prefix}{self.nodes.index(node) + 1}"
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def node_state(self, node: str) -> str:
+        """SLURM's state of the node, e.g. "idle", "mixed", "down*" (* = not responding)."""
+        return self.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], check=False).stdout.strip()
+
+    def wait_node_state(self, node: str, states: Sequence[str], timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        state = "?"
+        while time.monotonic() < deadline:
+            state = self.node_state(node)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"{node} still {state!r} after {timeout:.0f} s, not one of {list(states)}")
+
+    def slurmd_alive(self, node: str) -> bool:
+        pidfile = self.base / "state" / f"slurmd-{node}.pid"
+        try:
+            os.kill(int(pidfile.read_text()), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def restore(self, node: str, timeout: float = 120) -> None:
+        """Bring a crashed or cut node back to idle: link up, slurmd restarted if it is gone.
+
+        A crashed node's slurmd is restarted only once SLURM has marked the node DOWN: restarted
+        before, it registers as if nothing happened and srun waits forever for the lost step.
+        """
+        self.heal(node)
+        if not self.slurmd_alive(node):
+            self.wait_node_state(node, ("down*", "down"), timeout)
+            self.node_sh("start", node)
+        self.wait_node_state(node, ("idle",), timeout)
+
+
+@contextlib.contextmanager
+def slurm_cluster(base: str | Path | None = None, *, nodes: int = 1, auth: str = "none", with_mpi: bool = True,
+                  install: bool = True, keep: bool = False) -> Iterator[SlurmCluster]:
+    """Start a cluster under `base` (default: a new temp dir), yield it, stop it (also if the start
+    failed half-way: stop_slurm.sh undoes what there is).
+
+    nodes: 1 (this machine) or N >= 2 namespace nodes (a MultiNodeCluster). auth: "none" (no munge
+    daemon) or "munge". install: apt-get the missing packages. keep: leave the base directory (logs,
+    job outputs) after stopping, for debugging; it is also kept when ROBERTA_DS_SLURM_KEEP=1.
     """
     made = base is None
     root = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="roberta-ds-slurm-"))
     ctld_port, slurmd_port = _free_ports(2)
     env = clean_env({
         "SLURM_BASE": str(root), "SLURM_AUTH": auth, "SLURM_INSTALL": "1" if install else "0",
-        "SLURM_WITH_MPI": "1" if with_mpi else "0",
+        "SLURM_WITH_MPI": "1" if with_mpi else "0", "SLURM_NODES": str(nodes),
         "SLURMCTLD_PORT": str(ctld_port), "SLURMD_PORT": str(slurmd_port),
     })
     proc = subprocess.run(["bash", str(START)], env=env, capture_output=True, text=True, timeout=900, check=False)
-    cluster = SlurmCluster(root)
     try:
         if proc.returncode != 0:
             raise RuntimeError(f"start_slurm.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        yield cluster
+        yield SlurmCluster(root) if nodes == 1 else MultiNodeCluster(root)
     finally:
-        subprocess.run(["bash", str(STOP), str(root)], capture_output=True, text=True, timeout=60, check=False)
+        stop = subprocess.run(["bash", str(STOP), str(root)], capture_output=True, text=True, timeout=120,
+                              check=False)
+        if stop.returncode != 0:
+            print(f"stop_slurm.sh {root}: exit {stop.returncode}\n{stop.stdout}{stop.stderr}")
         if made and not keep and os.environ.get("ROBERTA_DS_SLURM_KEEP") != "1":
             shutil.rmtree(root, ignore_errors=True)
 
 
-# ---- pytest: one cluster per session ------------------------------------------------------------
+# ---- pytest: one cluster of each kind per session ------------------------------------------------
 # Imported into several modules (a test file, conftest.py), a session fixture gets one FixtureDef
 # per module; the reference count makes them share a single cluster, stopped by the last user.
 
-_shared: dict[str, object] = {"users": 0, "cm": None, "cluster": None}
+_shared: dict[int, dict[str, object]] = {}
 _shared_lock = threading.Lock()
 
 
-def _acquire() -> SlurmCluster:
+def _acquire(nodes: int = 1) -> SlurmCluster:
     with _shared_lock:
-        if _shared["cluster"] is None:
-            cm = slurm_cluster()
-            _shared["cluster"] = cm.__enter__()
-            _shared["cm"] = cm
-        _shared["users"] = int(_shared["users"]) + 1  # type: ignore[call-overload]
-        return _shared["cluster"]  # type: ignore[return-value]
+        entry = _shared.setdefault(nodes, {"users": 0, "cm": None, "cluster": None})
+        if entry["cluster"] is None:
+            cm = slurm_cluster(nodes=nodes)
+            entry["cluster"] = cm.__enter__()
+            entry["cm"] = cm
+        entry["users"] = int(entry["users"]) + 1  # type: ignore[call-overload]
+        return entry["cluster"]  # type: ignore[return-value]
 
 
-def _release() -> None:
+def _release(nodes: int = 1) -> None:
     with _shared_lock:
-        _shared["users"] = int(_shared["users"]) - 1  # type: ignore[call-overload]
-        if _shared["users"] == 0 and _shared["cm"] is not None:
-            cm, _shared["cm"], _shared["cluster"] = _shared["cm"], None, None
+        entry = _shared[nodes]
+        entry["users"] = int(entry["users"]) - 1  # type: ignore[call-overload]
+        if entry["users"] == 0 and entry["cm"] is not None:
+            cm, entry["cm"], entry["cluster"] = entry["cm"], None, None
             cm.__exit__(None, None, None)  # type: ignore[attr-defined]
 
 
@@ -302,3 +395,16 @@ if pytest is not None:
             yield cluster
         finally:
             _release()
+
+    @pytest.fixture(scope="session")
+    def slurm_multinode() -> Iterator[MultiNodeCluster]:
+        """The session's multi-node test cluster, MULTINODE_NODES nodes (skips like `slurm`). Its
+        finalizer stops it, removing its namespaces, links and daemons, whatever the tests did."""
+        reason = skip_reason(multinode=True)
+        if reason:
+            pytest.skip(f"multi-node SLURM tests skipped: {reason}")
+        cluster = _acquire(MULTINODE_NODES)
+        try:
+            yield cluster  # type: ignore[misc]
+        finally:
+            _release(MULTINODE_NODES)
