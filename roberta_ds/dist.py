@@ -365,24 +365,33 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m roberta_ds.dist`: one line per process saying what discovery finds (a launch preflight).
 
     Run it under the same launcher as the trainer (`srun python -m roberta_ds.dist`): every task
-    prints its host, rank, world and rendezvous, or the ConfigError that the trainer would stop
-    with, without importing torch. Exit 1 on an error or when the world differs from the launcher's
-    promise (e.g. a forgotten `srun`).
+    prints its host, rank, world, rendezvous and the address gloo will bind, or the ConfigError that
+    the trainer would stop with, without importing torch. Exit 1 on an error, when the world differs
+    from the launcher's promise (e.g. a forgotten `srun`), or when the network settings cannot
+    connect the nodes (`dist_net.check_network`).
     """
     if argv:
         print("usage: python -m roberta_ds.dist   (takes no arguments)", file=sys.stderr)
         return 2
+    from roberta_ds.dist_net import check_network
+
     host = socket.gethostname()
     try:
         expected = expected_world_size()
         env = discover()
         check_world(env, env.world_size, expected)
+        net = ""
+        if env.world_size > 1:
+            # Without torch the backend is known only in CPU mode (gloo); else only the variables set
+            # (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME) are checked.
+            backend = "gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None
+            net = check_network(env.local_world_size < env.world_size, env.master_addr, backend, os.environ)
     except ConfigError as e:
         print(f"[roberta-ds dist] {host}: error: {e}", file=sys.stderr, flush=True)
         return 1
     # One write(2) per line: the tasks of a step share one output stream.
     sys.stdout.flush()
-    os.write(sys.stdout.fileno(), f"[roberta-ds dist] {host}: {log_source(env)}\n".encode())
+    os.write(sys.stdout.fileno(), f"[roberta-ds dist] {host}: {log_source(env)}{'; ' + net if net else ''}\n".encode())
     return 0
 
 

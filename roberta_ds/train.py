@@ -39,6 +39,7 @@ from roberta_ds.config import (
     load_train_config,
     resolve_auto,
 )
+from roberta_ds.dist_net import check_rendezvous_network
 from roberta_ds.ds_config import batch_plan, check_precision_runs, load_ds_config, precision, zero_stage
 from roberta_ds.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.errors import ConfigError, UserError
@@ -143,6 +144,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     # "auto" attention kernel and padding-free layers: on where FlashAttention-2's varlen kernel runs
     # (a GPU in bf16, fp16 or a 16-bit autocast), decided once so the model and the loader agree.
     cfg = dataclasses.replace(cfg, model=resolve_auto(cfg.model, cuda and precision(ds) != "fp32"))
+    net = check_rendezvous_network(env, "nccl" if cuda else "gloo")
     set_default_collective_timeout(timedelta(seconds=cfg.collective_timeout_s))  # DeepSpeed's own groups too
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.collective_timeout_s))
@@ -151,7 +153,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     dist.print0(f"[roberta-ds] {dist.log_source(env)}; global batch {plan.global_batch} = micro "
                 f"{plan.micro_batch} x accumulation {plan.grad_accum} x world {plan.world_size}; "
                 f"{precision(ds)}, ZeRO-{zero_stage(ds)}; attention {cfg.model.attention_kernel}"
-                f"{', padding-free layers' if cfg.model.unpad else ''}")
+                f"{', padding-free layers' if cfg.model.unpad else ''}{'; ' + net if net else ''}")
     comm = ckpt.Comm()
 
     tok = load_tokenizer_info(cfg.tokenizer)

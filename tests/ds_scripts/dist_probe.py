@@ -1,7 +1,7 @@
 """Discovery probe: find my rank with roberta_ds.dist, build the gloo world on CPU, all_reduce, report.
 
 Run it under any launcher; every rank prints one line the tests parse:
-    DIST_PROBE rank=1 world=2 local_rank=1 local_world=2 source=slurm master=vm:21234 allreduce=3.0 ok=1
+    DIST_PROBE rank=1 world=2 host=vm local_rank=1 local_world=2 source=slurm master=vm:21234 allreduce=3.0 ok=1
 
     srun -n 2 python tests/ds_scripts/dist_probe.py
     srun --mpi=pmix -n 2 python tests/ds_scripts/dist_probe.py
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 from roberta_ds import dist
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         tdist.all_reduce(x)             # 1 + 2 + ... + world
         want = env.world_size * (env.world_size + 1) / 2
         ok = tdist.get_rank() == env.rank and x.item() == want
-        emit(f"DIST_PROBE rank={tdist.get_rank()} world={tdist.get_world_size()} "
+        emit(f"DIST_PROBE rank={tdist.get_rank()} world={tdist.get_world_size()} host={socket.gethostname()} "
              f"local_rank={env.local_rank} local_world={env.local_world_size} source={env.source} "
              f"master={env.master_addr}:{env.master_port} allreduce={x.item()} ok={int(ok)}")
         dist.print0(f"DIST_PROBE_RANK0 {dist.log_source(env)}", env=env)
