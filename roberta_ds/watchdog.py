@@ -18,6 +18,8 @@ writes per second on rank 0's store at scale).
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -27,6 +29,7 @@ import torch
 _PREFIX = "roberta_ds/progress/"
 _FAILED = "roberta_ds/failed/"
 _BEAT = "roberta_ds/heartbeat/"
+_HOST = "roberta_ds/host/"
 HEARTBEAT_S = 1.0
 
 
@@ -81,6 +84,10 @@ class Progress:
 
         def beat() -> None:
             n, published = 0, ""
+            try:  # where this rank runs: a diagnosis across nodes names the host of a lost rank
+                store.set(f"{_HOST}{self.rank}", socket.gethostname())
+            except Exception:  # noqa: BLE001 - the store's host is gone (job ending): stop quietly
+                return
             while True:  # the first beat at once: a rank that dies a moment later still has one
                 try:
                     store.set(key, str(n))
@@ -145,7 +152,10 @@ class Progress:
             silent = [r for r in after if after[r] is not None and after[r] == before[r]]
             seen: dict[int, tuple[int, str]] = {}
             failed: dict[int, str] = {}
+            hosts: dict[int, str] = {}
             for r in range(self.world):
+                if self.store.check([f"{_HOST}{r}"]):
+                    hosts[r] = self.store.get(f"{_HOST}{r}").decode(errors="replace")
                 key = f"{_PREFIX}{r}"
                 if self.store.check([key]):
                     seq, step, phase = self.store.get(key).decode().split("|", 2)
@@ -155,24 +165,33 @@ class Progress:
                 if r != self.rank and self.store.check([f"{_FAILED}{r}"]):
                     failed[r] = self.store.get(f"{_FAILED}{r}").decode(errors="replace")
         except Exception as e:  # noqa: BLE001
-            return (f"the progress store on rank 0 did not answer ({type(e).__name__}): rank 0 is likely "
-                    "the rank that hung or died")
-        return describe(seen, failed, silent)
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            return (f"the progress store on rank 0 ({where}) did not answer ({type(e).__name__}): rank 0 or "
+                    f"its host hung or died, or {socket.gethostname()} lost its network to it")
+        return describe(seen, failed, silent, hosts)
 
 
-def describe(seen: dict[int, tuple[int, str]], failed: dict[int, str], silent: list[int] = ()) -> str:
+def describe(seen: dict[int, tuple[int, str]], failed: dict[int, str], silent: list[int] = (),
+             hosts: dict[int, str] | None = None) -> str:
     """The diagnosis from every rank's last mark {rank: (sequence number, where)}, the errors ranks
-    reported, and the ranks whose heartbeat stopped."""
+    reported, and the ranks whose heartbeat stopped. With `hosts` {rank: hostname} naming more than
+    one host, each rank named carries its host ("rank 1 on node07")."""
+    hosts = hosts or {}
+    on_nodes = len(set(hosts.values())) > 1
+
+    def who(r: int) -> str:
+        return f"rank {r} on {hosts[r]}" if on_nodes and r in hosts else f"rank {r}"
+
     front = max(seq for seq, _ in seen.values())
     behind = {r: v for r, v in seen.items() if v[0] < front}
     ahead = next(where for seq, where in seen.values() if seq == front)
     if not behind:
         text = f"every rank reached {ahead}; the failure happened inside that phase"
     else:
-        names = ", ".join(f"rank {r} (last at {where})" for r, (_, where) in sorted(behind.items()))
+        names = ", ".join(f"{who(r)} (last at {where})" for r, (_, where) in sorted(behind.items()))
         text = f"ranks that did not arrive at {ahead}: {names}"
     if silent:
-        names = ", ".join(f"rank {r}" for r in sorted(silent))
+        names = ", ".join(who(r) for r in sorted(silent))
         text += f"; no heartbeat (process dead or frozen) from {names}"
     if failed:
         text += "; " + "; ".join(f"rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
