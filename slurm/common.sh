@@ -5,7 +5,10 @@
 # at the next optimizer-step boundary and exit with REQUEUE_EXIT_CODE (75). The batch script gets the
 # time-limit warning (#SBATCH --signal=B:USR1@...), passes it to the step, and requeues the job when
 # -- and only when -- the step exits 75. Exit 0 ends the job; any other code is a real failure and
-# ends it too, so a crash never loops through the queue.
+# ends it too, so a crash never loops through the queue. A node that fails is SLURM's business: it
+# ends the job as NODE_FAIL once the node stops answering (SlurmdTimeout) and, with --requeue,
+# requeues it onto healthy nodes (at most MaxBatchRequeue times); the next run resumes from the
+# newest committed checkpoint. The messages below say which of these happens.
 
 REQUEUE_EXIT_CODE=75
 
@@ -38,7 +41,19 @@ run_training() {
     exit 0
   fi
   if [ "$rc" != "$REQUEUE_EXIT_CODE" ]; then
-    say "training failed with exit code ${rc}; not requeued (the error is above)"
+    local lost
+    lost=$(lost_nodes)
+    if [ -z "$lost" ]; then
+      say "training failed with exit code ${rc}; not requeued (the error is above)"
+    elif scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "Requeue=1"; then
+      say "training failed with exit code ${rc}: node(s) ${lost} of this job failed. SLURM ends this run" \
+          "as NODE_FAIL and requeues the job onto healthy nodes (--requeue); the next run resumes from the" \
+          "newest committed checkpoint"
+    else
+      say "training failed with exit code ${rc}: node(s) ${lost} of this job failed. SLURM ends the job" \
+          "as NODE_FAIL and does not requeue it (--no-requeue): resubmit this script; it resumes from the" \
+          "newest committed checkpoint"
+    fi
     exit "$rc"
   fi
   if (( restarts >= ${MAX_REQUEUES:-50} )); then
@@ -51,6 +66,13 @@ run_training() {
     exit "$REQUEUE_EXIT_CODE"
   fi
   exit 0
+}
+
+# lost_nodes: this job's nodes that SLURM marks as down or not responding, e.g. "rdsnode2 (down*)".
+# srun returns from a step with a lost node only once SLURM has declared that node down.
+lost_nodes() {
+  sinfo -h -N -n "${SLURM_JOB_NODELIST:-}" -o '%N %T' 2>/dev/null | sort -u \
+    | awk '$2 ~ /[*]$/ || $2 ~ /^(down|fail)/ { printf "%s%s (%s)", sep, $1, $2; sep = ", " }'
 }
 
 # venv_env: the venv's bin first on PATH (its `ninja` for DeepSpeed's JIT ops) and one extension
