@@ -57,6 +57,16 @@ subnet_free() {
   return 0
 }
 
+# wait_gone PID: until PID has exited (a zombie counts as gone), at most 5 s.
+wait_gone() {
+  local _
+  for _ in $(seq 50); do
+    [ -e "/proc/$1" ] || return 0
+    [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ] && return 0
+    sleep 0.1
+  done
+}
+
 load_env() {
   [ -f "$ENV_FILE" ] || die "$ENV_FILE not found: no multi-node cluster was started under $BASE"
   # shellcheck source=/dev/null
@@ -154,7 +164,9 @@ start)
 crash)
   load_env
   ns=$(netns_of "$3")
-  for p in $(ip netns pids "$ns"); do kill -9 "$p" 2>/dev/null || true; done
+  pids=$(ip netns pids "$ns")
+  for p in $pids; do kill -9 "$p" 2>/dev/null || true; done
+  for p in $pids; do wait_gone "$p"; done
   ;;
 cut)  load_env; ip link set "$(veth_of "$3")" down ;;
 heal) load_env; ip link set "$(veth_of "$3")" up ;;
@@ -173,7 +185,9 @@ down)
     ns="rds${RDS_ID}n$i"
     if [ -e "/run/netns/$ns" ]; then
       # Whatever is left in the node (job steps whose slurmd is gone): nothing may outlive the cluster.
-      for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+      pids=$(ip netns pids "$ns" 2>/dev/null)
+      for p in $pids; do kill -9 "$p" 2>/dev/null || true; done
+      for p in $pids; do wait_gone "$p"; done
       ip link del "rds${RDS_ID}v$i" 2>/dev/null || true    # deleting one end removes its peer too
       ip netns del "$ns"
     fi
