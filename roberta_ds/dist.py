@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # One write(2) per line: the tasks of a step share one output stream.
     sys.stdout.flush()
-    os.write(sys.stdout.fileno(), f"[roberta-ds dist] {host}: {log_source(env)}{'; ' + net if net else ''}\n".encode())
+    line = f"[roberta-ds dist] {host}: {log_source(env)}{'; ' + net if net else ''}\n"
+    os.write(sys.stdout.fileno(), line.encode())
     return 0
 
 

@@ -150,8 +150,13 @@ def _nccl_interfaces(value: str, ifaces: list[Interface]) -> list[Interface] | N
     return [i for i in ifaces if any(i.name == n if exact else i.name.startswith(n) for n in names)]
 
 
-def check_network(spans_nodes: bool, master_addr: str, backend: str | None,
-                  environ: Mapping[str, str], probe: Probe | None = None) -> str:
+def check_network(
+    spans_nodes: bool,
+    master_addr: str,
+    backend: str | None,
+    environ: Mapping[str, str],
+    probe: Probe | None = None,
+) -> str:
     """Refuse a network setting that cannot connect this rank to the others; say what gloo binds.
 
     spans_nodes: the world has ranks on other nodes (local world < world). backend: "gloo", "nccl", or
@@ -180,8 +185,9 @@ def check_network(spans_nodes: bool, master_addr: str, backend: str | None,
             raise ConfigError(
                 f"gloo would use {address or 'no IPv4 address'} ({how}) {where}: a loopback address, but "
                 "the ranks are on several nodes, which would connect to their own loopback and fail. Set "
-                f"GLOO_SOCKET_IFNAME to the interface of the node network (here: {_listing(probe.interfaces())}), "
-                "or map the hostname to its node address in /etc/hosts"
+                "GLOO_SOCKET_IFNAME to the interface of the node network "
+                f"(here: {_listing(probe.interfaces())}), or map the hostname to its node address in "
+                "/etc/hosts"
             )
         described = f"gloo {address} ({how})"
 
@@ -191,14 +197,15 @@ def check_network(spans_nodes: bool, master_addr: str, backend: str | None,
         chosen = _nccl_interfaces(nccl, ifaces)
         if chosen is not None and not chosen:
             raise ConfigError(
-                f"NCCL_SOCKET_IFNAME={nccl}: no interface {where} matches it (interfaces: {_listing(ifaces)}); "
-                "NCCL would stop with 'no socket interface found'. Set it to the node network's interface "
-                "(a prefix such as ib or eth, or =name for an exact name)"
+                f"NCCL_SOCKET_IFNAME={nccl}: no interface {where} matches it "
+                f"(interfaces: {_listing(ifaces)}); NCCL would stop with 'no socket interface found'. "
+                "Set it to the node network's interface (a prefix such as ib or eth, or =name for an "
+                "exact name)"
             )
         if chosen and spans_nodes and all(i.loopback for i in chosen):
             raise ConfigError(
-                f"NCCL_SOCKET_IFNAME={nccl} selects only loopback {where}, but the ranks are on several nodes. "
-                f"Set it to the node network's interface (interfaces: {_listing(ifaces)})"
+                f"NCCL_SOCKET_IFNAME={nccl} selects only loopback {where}, but the ranks are on several "
+                "nodes. Set it to the node network's interface (interfaces: {_listing(ifaces)})"
             )
     return described
 
@@ -219,8 +226,9 @@ def check_rendezvous_port(master_addr: str, port: int, probe: Probe | None = Non
         )
 
 
-def check_rendezvous_network(env: DistEnv, backend: str, environ: Mapping[str, str] | None = None,
-                             probe: Probe | None = None) -> str:
+def check_rendezvous_network(
+    env: DistEnv, backend: str, environ: Mapping[str, str] | None = None, probe: Probe | None = None
+) -> str:
     """The trainer's checks before `init_process_group`: `check_network` on every rank, and on rank 0
     `check_rendezvous_port` unless torchrun's agent already holds the store. Returns what gloo binds
     (for the log), "" for a single process."""

@@ -118,13 +118,13 @@ def test_diagnosis_names_who_is_behind_silent_or_failed():
 def test_diagnosis_names_the_host_of_each_rank_across_nodes():
     from roberta_ds.watchdog import describe
 
-    seen = {0: (12, "step 7 micro-batch 0"), 1: (12, "step 7 micro-batch 0"), 2: (9, "step 6 optimizer step"),
-            3: (9, "step 6 optimizer step")}
+    seen = {0: (12, "step 7 micro-batch 0"), 1: (12, "step 7 micro-batch 0"),
+            2: (9, "step 6 optimizer step"), 3: (9, "step 6 optimizer step")}
     hosts = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}
     assert describe(seen, {}, [2, 3], hosts) == (
-        "ranks that did not arrive at step 7 micro-batch 0: rank 2 on node2 (last at step 6 optimizer step), "
-        "rank 3 on node2 (last at step 6 optimizer step); no heartbeat (process dead or frozen) from rank 2 on "
-        "node2, rank 3 on node2")
+        "ranks that did not arrive at step 7 micro-batch 0: rank 2 on node2 (last at step 6 optimizer "
+        "step), rank 3 on node2 (last at step 6 optimizer step); no heartbeat (process dead or frozen) "
+        "from rank 2 on node2, rank 3 on node2")
     # All on one host: the host says nothing.
     assert describe(seen, {}, [2], dict.fromkeys(range(4), "vm")).endswith("from rank 2")
 

@@ -56,23 +56,35 @@ def knobs(tmp: Path, tokenizer: Path, shards: Path, out: Path) -> dict[str, str]
         "model": {"preset": "tiny", "max_positions": 66, "dropout": 0.0, "attention_dropout": 0.0},
         "data": {"train": [str(shards / "train")], "max_seq_len": 64, "num_workers": 0},
         "optim": {"total_steps": 20, "warmup_steps": 2},
-        "tokenizer": str(tokenizer), "max_steps": STEPS, "log_interval": 1, "save_interval": SAVE,
-        "tensorboard": False, "collective_timeout_s": TIMEOUT_S,
+        "tokenizer": str(tokenizer),
+        "max_steps": STEPS,
+        "log_interval": 1,
+        "save_interval": SAVE,
+        "tensorboard": False,
+        "collective_timeout_s": TIMEOUT_S,
     }
     path = tmp / "train_config.json"
     path.write_text(json.dumps(cfg, indent=2))
-    extra = "--ds-set train_batch_size=8 --ds-set train_micro_batch_size_per_gpu=2 --ds-set bf16.enabled=false"
-    return job_env(CONFIG=str(path), DS_CONFIG=str(SLURM_DIR.parent / "ds_configs" / "zero2_bf16.json"),
-                   OUTPUT_DIR=str(out), EXTRA_ARGS=extra)
+    extra = (
+        "--ds-set train_batch_size=8 --ds-set train_micro_batch_size_per_gpu=2 --ds-set bf16.enabled=false"
+    )
+    return job_env(
+        CONFIG=str(path),
+        DS_CONFIG=str(SLURM_DIR.parent / "ds_configs" / "zero2_bf16.json"),
+        OUTPUT_DIR=str(out),
+        EXTRA_ARGS=extra,
+    )
 
 
 def first_run_faults(tmp: Path, faults: str) -> str:
     """A PYTHON for the templates that injects `faults` in the job's first run only (a requeued run,
     SLURM_RESTART_COUNT >= 1, trains undisturbed)."""
     wrapper = tmp / "python_first_run_faults"
-    wrapper.write_text("#!/bin/bash\n"
-                       f'if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then export ROBERTA_DS_FAULTS={shlex.quote(faults)}; fi\n'
-                       f'exec {shlex.quote(str(VENV / "bin" / "python"))} "$@"\n')
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        f'if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then export ROBERTA_DS_FAULTS={shlex.quote(faults)}; fi\n'
+        f'exec {shlex.quote(str(VENV / "bin" / "python"))} "$@"\n'
+    )
     wrapper.chmod(0o755)
     return str(wrapper)
 
@@ -82,7 +94,9 @@ def no_ssh_path(tmp: Path) -> tuple[str, Path]:
     bin_dir, record = tmp / "no_ssh_bin", tmp / "ssh_or_pdsh_called"
     bin_dir.mkdir()
     for name in ("ssh", "pdsh"):
-        (bin_dir / name).write_text(f'#!/bin/bash\necho "{name} $*" >> {shlex.quote(str(record))}\nexit 255\n')
+        (bin_dir / name).write_text(
+            f'#!/bin/bash\necho "{name} $*" >> {shlex.quote(str(record))}\nexit 255\n'
+        )
         (bin_dir / name).chmod(0o755)
     return f"{bin_dir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", record
 
@@ -106,7 +120,9 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 
 def metrics(out: Path) -> dict[int, dict]:
     """{step: record} from metrics.jsonl (the last record per step: a resumed run appends)."""
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return {
+        r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
 
 
 def rank_line(log: str, rank: int) -> str:
@@ -118,12 +134,16 @@ def wait_for(cond, what: str, mn: MultiNodeCluster, job: int, timeout: float = 3
     """Poll `cond()` every 0.2 s; returns the time it became true; fails with the job's description."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s\n{mn.describe(job)}"
+        assert time.monotonic() < deadline, (
+            f"{what} did not happen within {timeout:.0f} s\n{mn.describe(job)}"
+        )
         time.sleep(0.2)
     return time.monotonic()
 
 
-def submit(mn: MultiNodeCluster, template: str, env: dict[str, str], args: list[str], name: str, cwd: Path) -> int:
+def submit(
+    mn: MultiNodeCluster, template: str, env: dict[str, str], args: list[str], name: str, cwd: Path
+) -> int:
     return mn.sbatch(SLURM_DIR / template, env=env, args=args, name=name, cwd=cwd)
 
 
@@ -167,12 +187,17 @@ def test_nodes_have_their_own_hostname_address_and_hosts_view(slurm_multinode, t
     info = tmp_path / "node_info.sh"
     info.write_text("""#!/bin/bash
 names=$(getent hosts rdsnode1 rdsnode2 rdsnode3 | awk '{printf "%s=%s ", $2, $1}')
-echo "$(hostname) $(ip -4 -o addr show dev eth0 | awk '{print $4}') routes=$(ip -4 route | grep -c default)" \\
-     "net=$(ls /sys/class/net | tr '\\n' ,) $names"
+echo "$(hostname) $(ip -4 -o addr show dev eth0 | awk '{print $4}')" \\
+     "routes=$(ip -4 route | grep -c default) net=$(ls /sys/class/net | tr '\\n' ,) $names"
 """)
     info.chmod(0o755)
-    res = mn.run_job(f"#!/bin/bash\nsrun -N3 --ntasks-per-node=1 -l {info}\n", args=["-N", "3"], name="nodes",
-                     cwd=tmp_path, timeout=60)
+    res = mn.run_job(
+        f"#!/bin/bash\nsrun -N3 --ntasks-per-node=1 -l {info}\n",
+        args=["-N", "3"],
+        name="nodes",
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert res.state == "COMPLETED", mn.describe(res.job_id)
     names = " ".join(f"rdsnode{i}={mn.net}.{i + 1}" for i in (1, 2, 3))
     for i in (1, 2, 3):
@@ -190,7 +215,9 @@ def test_stop_leaves_nothing_behind_even_after_a_failed_test(tmp_path):
 
     if skip_reason(multinode=True):
         pytest.skip(skip_reason(multinode=True))
-    before_links = set(subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split("\n"))
+    before_links = set(
+        subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split("\n")
+    )
     had_netns_dir = Path("/run/netns").exists()
     base = tmp_path / "cluster"
     with slurm_cluster(base, nodes=2, with_mpi=False, keep=True) as mn:
@@ -199,32 +226,56 @@ def test_stop_leaves_nothing_behind_even_after_a_failed_test(tmp_path):
         wait_for(lambda: len(mn.netns_pids("rdsnode2")) > 1, "the step on rdsnode2", mn, job, 30)
         mn.crash("rdsnode2")
         mn.cut("rdsnode1")
-        env = dict(line.split("=", 1) for line in (base / "cluster.env").read_text().splitlines() if "=" in line)
+        env = dict(
+            line.split("=", 1) for line in (base / "cluster.env").read_text().splitlines() if "=" in line
+        )
         daemons = [int(p.read_text()) for p in (base / "state").glob("*.pid")]
-        in_nodes = mn.netns_pids("rdsnode1")              # slurmd, the batch script, its srun, a task
+        in_nodes = mn.netns_pids("rdsnode1")  # slurmd, the batch script, its srun, a task
         assert len(in_nodes) >= 3
-    stop = subprocess.run(["bash", str(Path(__file__).parent / "cluster" / "stop_slurm.sh"), str(base)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert stop.returncode == 0, stop.stdout + stop.stderr                       # the second stop
+    stop = subprocess.run(
+        ["bash", str(Path(__file__).parent / "cluster" / "stop_slurm.sh"), str(base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert stop.returncode == 0, stop.stdout + stop.stderr  # the second stop
     ident = env["RDS_ID"]
-    assert not [line for line in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split("\n")
-                if f"rds{ident}" in line]
-    assert not [n for n in (Path("/run/netns").iterdir() if Path("/run/netns").exists() else ()) if ident in n.name]
+    assert not [
+        line
+        for line in subprocess.run(
+            ["ip", "-o", "link"], capture_output=True, text=True, check=False
+        ).stdout.split("\n")
+        if f"rds{ident}" in line
+    ]
+    assert not [
+        n for n in (Path("/run/netns").iterdir() if Path("/run/netns").exists() else ()) if ident in n.name
+    ]
     assert Path("/run/netns").exists() == had_netns_dir
     assert not (base / "cluster.env").exists()
     alive = [p for p in daemons + in_nodes if running(p)]
     assert alive == [], alive
     assert "rdsnode" not in Path("/etc/hosts").read_text()
-    leftovers = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True, check=False).stdout.split()
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(base)], capture_output=True, text=True, check=False
+    ).stdout.split()
     assert leftovers == [], leftovers
-    assert set(subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split("\n")) <= before_links
+    assert (
+        set(
+            subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split(
+                "\n"
+            )
+        )
+        <= before_links
+    )
 
 
 # ---- training across nodes ------------------------------------------------------------------------
 
 
-def test_pretrain_on_two_nodes_equals_one_node_through_a_preemption(slurm_multinode, reference, small_tokenizer,
-                                                                     small_shards, tmp_path):
+def test_pretrain_on_two_nodes_equals_one_node_through_a_preemption(
+    slurm_multinode, reference, small_tokenizer, small_shards, tmp_path
+):
     """pretrain.sbatch -N 2 (1 rank per node): USR1 mid-run gives one collective save on both hosts,
     exit 75 and a requeue; the resumed run finishes. Every loss and the final weights equal the
     one-node run's, bitwise; the log shows the rendezvous on node 1 and a rank on each host."""
@@ -235,17 +286,31 @@ def test_pretrain_on_two_nodes_equals_one_node_through_a_preemption(slurm_multin
     log = finish(mn, job)
     a1, a2 = mn.address("rdsnode1"), mn.address("rdsnode2")
     # The preflight: each rank on its host, one rendezvous on node 1, gloo on each node's address.
-    assert re.search(rf"^0: \[roberta-ds dist\] rdsnode1: rank 0/2 \(local 0/1\) from slurm; rendezvous "
-                     rf"rdsnode1:\d+; gloo {re.escape(a1)} \(hostname rdsnode1\)$", log, re.MULTILINE), log
-    assert re.search(rf"^1: \[roberta-ds dist\] rdsnode2: rank 1/2 \(local 0/1\) from slurm; rendezvous "
-                     rf"rdsnode1:\d+; gloo {re.escape(a2)} \(hostname rdsnode2\)$", log, re.MULTILINE), log
-    assert re.search(rf"^0: \[roberta-ds\] rank 0/2 \(local 0/1\) from slurm; rendezvous rdsnode1:\d+; .* x world 2"
-                     rf".*; gloo {re.escape(a1)}", log, re.MULTILINE), log
+    assert re.search(
+        rf"^0: \[roberta-ds dist\] rdsnode1: rank 0/2 \(local 0/1\) from slurm; rendezvous "
+        rf"rdsnode1:\d+; gloo {re.escape(a1)} \(hostname rdsnode1\)$",
+        log,
+        re.MULTILINE,
+    ), log
+    assert re.search(
+        rf"^1: \[roberta-ds dist\] rdsnode2: rank 1/2 \(local 0/1\) from slurm; rendezvous "
+        rf"rdsnode1:\d+; gloo {re.escape(a2)} \(hostname rdsnode2\)$",
+        log,
+        re.MULTILINE,
+    ), log
+    assert re.search(
+        rf"^0: \[roberta-ds\] rank 0/2 \(local 0/1\) from slurm; rendezvous rdsnode1:\d+; .* x world 2"
+        rf".*; gloo {re.escape(a1)}",
+        log,
+        re.MULTILINE,
+    ), log
     # One collective save after USR1, both ranks exit 75, the job requeues itself and resumes.
     saves = [int(s) for s in re.findall(r"checkpoint \S+step_(\d+) committed \(signal SIGUSR1\)", log)]
     assert len(saves) == 1 and 4 <= saves[0] < STEPS, log
     assert "exiting with 75 (requeue me)" in log and f"requeueing job {job} (restart 1)" in log, log
-    assert re.search(rf"^\[pretrain.sbatch\] job {job} \(restart 1\) on rdsnode\[\S+\]: 2 node", log, re.MULTILINE), log
+    assert re.search(
+        rf"^\[pretrain.sbatch\] job {job} \(restart 1\) on rdsnode\[\S+\]: 2 node", log, re.MULTILINE
+    ), log
     assert f"resumed from {out / 'checkpoints' / ckpt.tag_for(int(saves[0]))} at step {saves[0]}" in log
     assert mn.job_info(job).get("Restarts") == "1"
     assert losses(out) == losses(reference)
@@ -255,11 +320,18 @@ def test_pretrain_on_two_nodes_equals_one_node_through_a_preemption(slurm_multin
 def test_pretrain_on_two_nodes_with_two_ranks_each(slurm_multinode, reference, two_by_two):
     mn = slurm_multinode
     _, log, out = two_by_two
-    for rank, (host, local) in enumerate([("rdsnode1", 0), ("rdsnode1", 1), ("rdsnode2", 0), ("rdsnode2", 1)]):
-        assert re.search(rf"^{rank}: \[roberta-ds dist\] {host}: rank {rank}/4 \(local {local}/2\) from slurm; "
-                         rf"rendezvous rdsnode1:\d+; gloo {re.escape(mn.address(host))} \(eth0, GLOO_SOCKET_IFNAME\)$",
-                         log, re.MULTILINE), log
-    assert re.search(r"^0: \[roberta-ds\] rank 0/4 .* = micro 2 x accumulation 1 x world 4", log, re.MULTILINE), log
+    for rank, (host, local) in enumerate(
+        [("rdsnode1", 0), ("rdsnode1", 1), ("rdsnode2", 0), ("rdsnode2", 1)]
+    ):
+        assert re.search(
+            rf"^{rank}: \[roberta-ds dist\] {host}: rank {rank}/4 \(local {local}/2\) from slurm; "
+            rf"rendezvous rdsnode1:\d+; gloo {re.escape(mn.address(host))} \(eth0, GLOO_SOCKET_IFNAME\)$",
+            log,
+            re.MULTILINE,
+        ), log
+    assert re.search(
+        r"^0: \[roberta-ds\] rank 0/4 .* = micro 2 x accumulation 1 x world 4", log, re.MULTILINE
+    ), log
     got, want = metrics(out), metrics(reference)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:
@@ -267,8 +339,9 @@ def test_pretrain_on_two_nodes_with_two_ranks_each(slurm_multinode, reference, t
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), f"step {step}"
 
 
-def test_checkpoint_of_two_hosts_resumes_on_one_node_with_another_world(slurm_multinode, reference, two_by_two,
-                                                                        small_tokenizer, small_shards, tmp_path):
+def test_checkpoint_of_two_hosts_resumes_on_one_node_with_another_world(
+    slurm_multinode, reference, two_by_two, small_tokenizer, small_shards, tmp_path
+):
     """The step-5 checkpoint that 4 ranks on 2 hosts committed into the shared directory, resumed by 2
     ranks on one node (universal checkpoint): it continues with the same samples."""
     mn, (_, _, src) = slurm_multinode, two_by_two
@@ -277,21 +350,28 @@ def test_checkpoint_of_two_hosts_resumes_on_one_node_with_another_world(slurm_mu
     (out / "checkpoints" / ckpt.POINTER_NAME).write_text(ckpt.tag_for(SAVE))
     # Written by the ranks of both hosts: every rank's RNG state is in it.
     assert sorted(p.name for p in (out / "checkpoints" / ckpt.tag_for(SAVE)).glob("rng_*")) == [
-        ckpt.rng_file(r) for r in range(4)]
-    job = submit(mn, "pretrain.sbatch", knobs(tmp_path, small_tokenizer, small_shards, out), ONE_NODE, "uni", tmp_path)
+        ckpt.rng_file(r) for r in range(4)
+    ]
+    job = submit(
+        mn, "pretrain.sbatch", knobs(tmp_path, small_tokenizer, small_shards, out), ONE_NODE, "uni", tmp_path
+    )
     log = finish(mn, job)
     assert "world size changed (4 -> 2)" in log, log
-    assert f"resumed from {out / 'checkpoints' / ckpt.tag_for(SAVE)} at step {SAVE} (universal checkpoint)" in log
+    assert (
+        f"resumed from {out / 'checkpoints' / ckpt.tag_for(SAVE)} at step {SAVE} (universal checkpoint)"
+        in log
+    )
     got, want = metrics(out), metrics(reference)
     assert sorted(got) == list(range(SAVE + 1, STEPS + 1))
     for step in got:
         assert got[step]["samples_consumed"] == want[step]["samples_consumed"]
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5), f"step {step}"
-    assert abs(want[SAVE + 1]["loss"] - want[SAVE + 2]["loss"]) > 1e-3   # a neighbouring batch would not pass
+    assert abs(want[SAVE + 1]["loss"] - want[SAVE + 2]["loss"]) > 1e-3  # a neighbouring batch would not pass
 
 
-def test_deepspeed_template_on_two_nodes_from_its_hostfile_without_ssh(slurm_multinode, reference, small_tokenizer,
-                                                                       small_shards, tmp_path):
+def test_deepspeed_template_on_two_nodes_from_its_hostfile_without_ssh(
+    slurm_multinode, reference, small_tokenizer, small_shards, tmp_path
+):
     mn, out = slurm_multinode, tmp_path / "run"
     path, record = no_ssh_path(tmp_path)
     env = {**knobs(tmp_path, small_tokenizer, small_shards, out), "GPUS_PER_NODE": "1", "PATH": path}
@@ -301,9 +381,13 @@ def test_deepspeed_template_on_two_nodes_from_its_hostfile_without_ssh(slurm_mul
     assert hostfile.read_text() == "rdsnode1 slots=1\nrdsnode2 slots=1\n"
     assert f"hostfile {hostfile}:\n    rdsnode1 slots=1\n    rdsnode2 slots=1\n" in log, log
     # One launcher per node (srun --label: 0 on rdsnode1, 1 on rdsnode2), each starting its node's rank.
-    assert re.search(r"^0: .*node_rank=0", log, re.MULTILINE) and re.search(r"^1: .*node_rank=1", log, re.MULTILINE), log
+    assert re.search(r"^0: .*node_rank=0", log, re.MULTILINE) and re.search(
+        r"^1: .*node_rank=1", log, re.MULTILINE
+    ), log
     assert "dist_world_size=2" in log
-    assert re.search(r"\[roberta-ds\] rank 0/2 \(local 0/1\) from deepspeed; rendezvous rdsnode1:\d+", log), log
+    assert re.search(r"\[roberta-ds\] rank 0/2 \(local 0/1\) from deepspeed; rendezvous rdsnode1:\d+", log), (
+        log
+    )
     assert not record.exists(), record.read_text()
     assert losses(out) == losses(reference)
     assert_bitwise(weights(out), weights(reference))
@@ -314,19 +398,40 @@ def test_mpi_discovery_across_nodes_srun_pmix_and_mpirun(slurm_multinode, tmp_pa
     node through srun, never ssh): one world of 4 with 2 ranks on each host, mpi4py agreeing."""
     mn = slurm_multinode
     path, record = no_ssh_path(tmp_path)
-    probe = shlex.join([str(VENV / "bin" / "python"), str(SLURM_DIR.parent / "tests" / "ds_scripts" / "dist_probe.py")])
-    body = ("set -u\nexport OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1\n"
-            f"echo '== pmix'; srun --mpi=pmix --kill-on-bad-exit=1 {probe}\n"
-            f"echo '== mpirun'; mpirun -np 4 --map-by ppr:2:node {probe}\n")
-    res = mn.run_job("#!/bin/bash\n" + body, env={"PATH": path, "PYTHONPATH": str(SLURM_DIR.parent)},
-                     args=TWO_BY_TWO[:4], name="mpi", cwd=tmp_path, timeout=300)
+    probe = shlex.join(
+        [str(VENV / "bin" / "python"), str(SLURM_DIR.parent / "tests" / "ds_scripts" / "dist_probe.py")]
+    )
+    body = (
+        "set -u\nexport OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1\n"
+        f"echo '== pmix'; srun --mpi=pmix --kill-on-bad-exit=1 {probe}\n"
+        f"echo '== mpirun'; mpirun -np 4 --map-by ppr:2:node {probe}\n"
+    )
+    res = mn.run_job(
+        "#!/bin/bash\n" + body,
+        env={"PATH": path, "PYTHONPATH": str(SLURM_DIR.parent)},
+        args=TWO_BY_TWO[:4],
+        name="mpi",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert res.state == "COMPLETED", mn.describe(res.job_id)
     pmix, mpirun = res.output.split("== mpirun")
     for part, source in ((pmix, "slurm"), (mpirun, "mpi")):
-        rows = sorted((dict(kv.split("=", 1) for kv in line.split()[1:]) for line in part.splitlines()
-                       if line.startswith("DIST_PROBE ")), key=lambda d: int(d["rank"]))
-        got = [(r["rank"], r["world"], r["host"], r["local_rank"], r["source"], r["allreduce"], r["ok"]) for r in rows]
-        assert got == [(str(i), "4", f"rdsnode{i // 2 + 1}", str(i % 2), source, "10.0", "1") for i in range(4)], part
+        rows = sorted(
+            (
+                dict(kv.split("=", 1) for kv in line.split()[1:])
+                for line in part.splitlines()
+                if line.startswith("DIST_PROBE ")
+            ),
+            key=lambda d: int(d["rank"]),
+        )
+        got = [
+            (r["rank"], r["world"], r["host"], r["local_rank"], r["source"], r["allreduce"], r["ok"])
+            for r in rows
+        ]
+        assert got == [
+            (str(i), "4", f"rdsnode{i // 2 + 1}", str(i % 2), source, "10.0", "1") for i in range(4)
+        ], part
         assert {r["master"].split(":")[0] for r in rows} == {"rdsnode1"}, part
     assert pmix.count("mpi4py agrees with the srun step: rank") == 4, pmix
     assert not record.exists(), record.read_text()
@@ -335,14 +440,20 @@ def test_mpi_discovery_across_nodes_srun_pmix_and_mpirun(slurm_multinode, tmp_pa
 # ---- node faults ----------------------------------------------------------------------------------
 
 
-def start_faulty_run(mn: MultiNodeCluster, tmp: Path, tokenizer: Path, shards: Path, name: str,
-                     args: list[str]) -> tuple[int, Path, list[str]]:
+def start_faulty_run(
+    mn: MultiNodeCluster, tmp: Path, tokenizer: Path, shards: Path, name: str, args: list[str]
+) -> tuple[int, Path, list[str]]:
     """A 2-node pretrain.sbatch run whose rank 1 stalls in step 7 of its first run; returns once rank 0
     waits for it there (the step-5 checkpoint committed). (job, output dir, its nodes)."""
     out = tmp / "run"
     env = {**knobs(tmp, tokenizer, shards, out), "PYTHON": first_run_faults(tmp, SLOW_RANK_1)}
     job = submit(mn, "pretrain.sbatch", env, args, name, tmp)
-    wait_for(lambda: "1: [fault] rank 1: sleep at step step 7" in mn.output(job), "rank 1 stalling in step 7", mn, job)
+    wait_for(
+        lambda: "1: [fault] rank 1: sleep at step step 7" in mn.output(job),
+        "rank 1 stalling in step 7",
+        mn,
+        job,
+    )
     nodes = mn.run(["scontrol", "show", "hostnames", mn.job_info(job)["NodeList"]]).stdout.split()
     assert (out / "checkpoints" / ckpt.tag_for(SAVE) / ckpt.META_NAME).is_file()
     return job, out, nodes
@@ -352,11 +463,17 @@ def assert_requeued_and_resumed(mn: MultiNodeCluster, job: int, out: Path, refer
     """The job's first run ended NODE_FAIL and SLURM requeued it once; the second resumed from the last
     committed checkpoint and finished with the reference's losses and weights. Returns the log."""
     log = finish(mn, job, 600)
+    first = log.split(f"[pretrain.sbatch] job {job} (restart 1)")[0]
+    script = ("[pretrain.sbatch]", "srun:", "slurmstepd")
+    print("\n".join(x for x in first.splitlines() if x.startswith(script)))
     assert f"requeue job JobId={job} due to failure of node {lost}" in mn.slurmctld_log.read_text()
-    assert mn.job_info(job).get("Restarts") == "1", mn.describe(job)        # no requeue loop
-    assert re.search(rf"training failed \([^)]*exit code \d+\): node\(s\) {lost} "
-                     r"\(down\*\) of this job failed\. SLURM ends this run as NODE_FAIL and requeues the job onto "
-                     "healthy nodes", log), log
+    assert mn.job_info(job).get("Restarts") == "1", mn.describe(job)  # no requeue loop
+    assert re.search(
+        rf"training failed \([^)]*exit code \d+\): node\(s\) {lost} "
+        r"\(down\*\) of this job failed\. SLURM ends this run as NODE_FAIL and requeues the job onto "
+        "healthy nodes",
+        log,
+    ), log
     assert f"resumed from {out / 'checkpoints' / ckpt.tag_for(SAVE)} at step {SAVE}" in log, log
     assert losses(out) == losses(reference)
     assert_bitwise(weights(out), weights(reference))
@@ -379,11 +496,17 @@ def test_node_crash_mid_step(slurm_multinode, reference, small_tokenizer, small_
         # Its collective broke when the peer's sockets closed: no waiting for the timeout.
         assert "Timed out" not in line and f"rank 1 on {lost}" in line, line
         assert f"no heartbeat (process dead or frozen) from rank 1 on {lost}" in line, line
-        assert f"srun: error: {nodes[0]}: task 0: Exited with exit code 4" in wait_and_read(mn, job, "exit code 4")
+        assert f"srun: error: {nodes[0]}: task 0: Exited with exit code 4" in wait_and_read(
+            mn, job, "exit code 4"
+        )
+        t_requeue = wait_for(
+            lambda: mn.job_info(job).get("Restarts") == "1", "the NODE_FAIL requeue", mn, job, 120
+        )
+        print(f"node crash: SLURM requeued the job {t_requeue - t0:.1f} s after the crash")
         log = assert_requeued_and_resumed(mn, job, out, reference, lost)
         print(f"node crash: {time.monotonic() - t0:.1f} s from the crash to the end of the requeued run")
         second = log.split(f"[pretrain.sbatch] job {job} (restart 1) on ")[1]
-        assert lost not in second.splitlines()[0], second.splitlines()[0]       # onto healthy nodes
+        assert lost not in second.splitlines()[0], second.splitlines()[0]  # onto healthy nodes
     finally:
         mn.run(["scancel", str(job)], check=False)
         mn.restore(lost)
@@ -400,8 +523,9 @@ def test_network_partition_mid_step(slurm_multinode, reference, small_tokenizer,
     to be restored, resumes there from the step-5 checkpoint and ends as an uninterrupted run would.
     Nothing of the first run survives on node 2."""
     mn = slurm_multinode
-    job, out, nodes = start_faulty_run(mn, tmp_path, small_tokenizer, small_shards, "partition",
-                                       [*TWO_NODES, "--exclude=rdsnode3"])
+    job, out, nodes = start_faulty_run(
+        mn, tmp_path, small_tokenizer, small_shards, "partition", [*TWO_NODES, "--exclude=rdsnode3"]
+    )
     lost = nodes[1]
     try:
         t0 = time.monotonic()
@@ -413,13 +537,19 @@ def test_network_partition_mid_step(slurm_multinode, reference, small_tokenizer,
         assert f"no heartbeat (process dead or frozen) from rank 1 on {lost}" in line, line
         assert f"collective_timeout_s={TIMEOUT_S}" in line
         mn.wait_node_state(lost, ("down*",), 120)
-        wait_for(lambda: mn.job_info(job).get("Restarts") == "1", "the NODE_FAIL requeue", mn, job, 60)
-        assert mn.job_info(job).get("JobState") == "PENDING"           # no healthy pair without node 2
+        t_requeue = wait_for(
+            lambda: mn.job_info(job).get("Restarts") == "1", "the NODE_FAIL requeue", mn, job, 60
+        )
+        print(f"partition: SLURM requeued the job {t_requeue - t0:.1f} s after the cut")
+        # Pending (after its COMPLETING phase): no healthy pair of nodes without node 2.
+        wait_for(lambda: mn.job_info(job).get("JobState") == "PENDING", "the job pending", mn, job, 60)
         t_heal = time.monotonic()
         mn.restore(lost)
         assert_requeued_and_resumed(mn, job, out, reference, lost)
         print(f"partition: requeued run done {time.monotonic() - t_heal:.1f} s after the heal")
-        assert f"[pretrain.sbatch] job {job} (restart 1) on rdsnode[1-2]" in mn.output(job)   # the restored node
+        assert f"[pretrain.sbatch] job {job} (restart 1) on rdsnode[1-2]" in mn.output(
+            job
+        )  # the restored node
         slurmd = int((mn.base / "state" / f"slurmd-{lost}.pid").read_text())
         wait_for(lambda: mn.netns_pids(lost) == [slurmd], f"nothing but slurmd left on {lost}", mn, job, 60)
     finally:
@@ -435,50 +565,83 @@ def test_busy_rendezvous_port_is_named(slurm_multinode, small_tokenizer, small_s
     the job ends, its other rank stopped by srun."""
     mn = slurm_multinode
     port = 29877
-    squat = ("import socket,sys,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-             f"s.bind(('0.0.0.0', {port})); s.listen(8); print('ready', flush=True); time.sleep(600)")
-    holder = subprocess.Popen(["bash", str(Path(__file__).parent / "cluster" / "node.sh"), "run", str(mn.base),
-                               "rdsnode1", sys.executable, "-c", squat], stdout=subprocess.PIPE, text=True)
+    squat = (
+        "import socket,sys,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        f"s.bind(('0.0.0.0', {port})); s.listen(8); print('ready', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [
+            "bash",
+            str(Path(__file__).parent / "cluster" / "node.sh"),
+            "run",
+            str(mn.base),
+            "rdsnode1",
+            sys.executable,
+            "-c",
+            squat,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
-        env = {**knobs(tmp_path, small_tokenizer, small_shards, tmp_path / "run"), "PREFLIGHT": "0",
-               "MASTER_PORT": str(port), "EXIT_WAIT": "5"}
+        env = {
+            **knobs(tmp_path, small_tokenizer, small_shards, tmp_path / "run"),
+            "PREFLIGHT": "0",
+            "MASTER_PORT": str(port),
+            "EXIT_WAIT": "5",
+        }
         job = submit(mn, "pretrain.sbatch", env, TWO_NODES, "busyport", tmp_path)
         assert mn.wait(job, 300) == "FAILED", mn.describe(job)
         log = mn.output(job)
-        assert (f"rendezvous port {port} on rdsnode1 (MASTER_ADDR=rdsnode1, rank 0's host) is in use by another "
-                "process") in log, log
+        assert (
+            f"rendezvous port {port} on rdsnode1 (MASTER_ADDR=rdsnode1, rank 0's host) is in use by another "
+            "process"
+        ) in log, log
         assert re.search(r"training failed with exit code \d+; not requeued", log), log
     finally:
         holder.kill()
         holder.wait()
 
 
-def test_wrong_interface_or_loopback_hostname_is_refused_naming_the_host(slurm_multinode, small_tokenizer,
-                                                                          small_shards, tmp_path):
+def test_wrong_interface_or_loopback_hostname_is_refused_naming_the_host(
+    slurm_multinode, small_tokenizer, small_shards, tmp_path
+):
     mn = slurm_multinode
     # The template with gloo told to use loopback: its preflight refuses on every node, the job ends.
     env = {**knobs(tmp_path, small_tokenizer, small_shards, tmp_path / "run"), "GLOO_SOCKET_IFNAME": "lo"}
-    res = mn.run_job(SLURM_DIR / "pretrain.sbatch", env=env, args=TWO_NODES, name="lo", cwd=tmp_path, timeout=120)
+    res = mn.run_job(
+        SLURM_DIR / "pretrain.sbatch", env=env, args=TWO_NODES, name="lo", cwd=tmp_path, timeout=120
+    )
     assert res.state == "FAILED", mn.describe(res.job_id)
     for host in ("rdsnode1", "rdsnode2"):
-        assert (f"[roberta-ds dist] {host}: error: gloo would use 127.0.0.1 (lo, GLOO_SOCKET_IFNAME) on {host}: "
-                "a loopback address") in res.output, res.output
+        assert (
+            f"[roberta-ds dist] {host}: error: gloo would use 127.0.0.1 (lo, GLOO_SOCKET_IFNAME) on {host}: "
+            "a loopback address"
+        ) in res.output, res.output
     assert "preflight failed" in res.output and "training finished" not in res.output
     # An interface that does not exist, and nodes whose own name maps to 127.0.1.1 (Debian's default
     # /etc/hosts line), each seen by the preflight command of the templates.
     py = shlex.quote(str(VENV / "bin" / "python"))
-    body = (f"export DS_ACCELERATOR=cpu PYTHONPATH={shlex.quote(str(SLURM_DIR.parent))}\n"
-            f"GLOO_SOCKET_IFNAME=ib0 srun -l {py} -m roberta_ds.dist\n"
-            "srun -l unshare --mount sh -c 'sed \"s/.* $(hostname)$/127.0.1.1 $(hostname)/\" /etc/hosts > "
-            f"$SLURM_SUBMIT_DIR/hosts.$(hostname) && mount --bind $SLURM_SUBMIT_DIR/hosts.$(hostname) /etc/hosts && "
-            f"exec {py} -m roberta_ds.dist'\n")
+    body = (
+        f"export DS_ACCELERATOR=cpu PYTHONPATH={shlex.quote(str(SLURM_DIR.parent))}\n"
+        f"GLOO_SOCKET_IFNAME=ib0 srun -l {py} -m roberta_ds.dist\n"
+        'srun -l unshare --mount sh -c \'sed "s/.* $(hostname)$/127.0.1.1 $(hostname)/" /etc/hosts > '
+        "$SLURM_SUBMIT_DIR/hosts.$(hostname) && "
+        f"mount --bind $SLURM_SUBMIT_DIR/hosts.$(hostname) /etc/hosts && exec {py} -m roberta_ds.dist'\n"
+    )
     res = mn.run_job("#!/bin/bash\n" + body, args=TWO_NODES[:4], name="badnet", cwd=tmp_path, timeout=120)
     assert res.state == "FAILED", mn.describe(res.job_id)
     out = res.output
-    assert "1: [roberta-ds dist] rdsnode2: error: GLOO_SOCKET_IFNAME=ib0: rdsnode2 has no interface 'ib0' " \
-           f"(interfaces: lo 127.0.0.1, eth0 {mn.address('rdsnode2')})" in out, out
-    assert "0: [roberta-ds dist] rdsnode1: error: MASTER_ADDR=rdsnode1 is a loopback address (127.0.1.1) on " \
-           "rdsnode1" in out, out
-    assert "1: [roberta-ds dist] rdsnode2: error: gloo would use 127.0.1.1 (hostname rdsnode2) on rdsnode2: a " \
-           "loopback address" in out, out
+    assert (
+        "1: [roberta-ds dist] rdsnode2: error: GLOO_SOCKET_IFNAME=ib0: rdsnode2 has no interface 'ib0' "
+        f"(interfaces: lo 127.0.0.1, eth0 {mn.address('rdsnode2')})" in out
+    ), out
+    assert (
+        "0: [roberta-ds dist] rdsnode1: error: MASTER_ADDR=rdsnode1 is a loopback address (127.0.1.1) on "
+        "rdsnode1" in out
+    ), out
+    assert (
+        "1: [roberta-ds dist] rdsnode2: error: gloo would use 127.0.1.1 (hostname rdsnode2) on rdsnode2: a "
+        "loopback address" in out
+    ), out

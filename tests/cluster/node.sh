@@ -45,12 +45,14 @@ overlaps() {
   (( ($(ip2int "$a") & mask) == ($(ip2int "$b") & mask) ))
 }
 
-# subnet_free A/M: nothing on this machine (addresses, routes of any table, default routes excepted) overlaps it.
+# subnet_free A/M: nothing on this machine (addresses, routes of any table, default routes excepted)
+# overlaps it.
 subnet_free() {
   local used
   used=$( { ip -4 -o addr show | awk '{print $4}'
             ip -4 route show table all | awk '{ d = $1 }
-              d ~ /^(local|broadcast|unicast|unreachable|blackhole|prohibit|multicast|anycast|throw|nat)$/ { d = $2 }
+              d ~ /^(local|broadcast|unicast|unreachable|blackhole|prohibit|multicast|anycast|throw|nat)$/ {
+                d = $2 }
               d != "default" { print d }'; } | sort -u)
   local u
   for u in $used; do overlaps "$1" "$u" && return 1; done
@@ -92,7 +94,8 @@ up)
   [ -f "$ENV_FILE" ] && die "$ENV_FILE exists: a cluster was already started under $BASE (stop it first)"
   if [ -n "${SLURM_NET:-}" ]; then
     NET=${SLURM_NET%.0}
-    subnet_free "$NET.0/28" || die "SLURM_NET=$NET.0/28 overlaps an address or route on this machine (ip -4 addr; ip -4 route)"
+    subnet_free "$NET.0/28" \
+      || die "SLURM_NET=$NET.0/28 overlaps an address or route on this machine (ip -4 addr; ip -4 route)"
   else
     NET=""
     for x in $(seq 7 254); do

@@ -258,8 +258,10 @@ class MultiNodeCluster(SlurmCluster):
     def address(self, node: str) -> str:
         return f"{self.net}.{self.nodes.index(node) + 2}"
 
-    def node_sh(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.run(["bash", str(NODE_SH), args[0], str(self.base), *args[1:]], timeout=timeout, check=check)
+    def node_sh(self, *args: str, timeout: float = 60,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(["bash", str(NODE_SH), args[0], str(self.base), *args[1:]], timeout=timeout,
+                        check=check)
 
     def run_on(self, node: str, argv: Sequence[str], timeout: float = 60,
                check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -319,8 +321,8 @@ class MultiNodeCluster(SlurmCluster):
 
 
 @contextlib.contextmanager
-def slurm_cluster(base: str | Path | None = None, *, nodes: int = 1, auth: str = "none", with_mpi: bool = True,
-                  install: bool = True, keep: bool = False) -> Iterator[SlurmCluster]:
+def slurm_cluster(base: str | Path | None = None, *, nodes: int = 1, auth: str = "none",
+                  with_mpi: bool = True, install: bool = True, keep: bool = False) -> Iterator[SlurmCluster]:
     """Start a cluster under `base` (default: a new temp dir), yield it, stop it (also if the start
     failed half-way: stop_slurm.sh undoes what there is).
 
@@ -344,9 +346,9 @@ def slurm_cluster(base: str | Path | None = None, *, nodes: int = 1, auth: str =
     finally:
         stop = subprocess.run(["bash", str(STOP), str(root)], capture_output=True, text=True, timeout=120,
                               check=False)
-        if stop.returncode != 0:
+        if stop.returncode != 0:  # keep the base: its cluster.env lets a second stop_slurm.sh finish the job
             print(f"stop_slurm.sh {root}: exit {stop.returncode}\n{stop.stdout}{stop.stderr}")
-        if made and not keep and os.environ.get("ROBERTA_DS_SLURM_KEEP") != "1":
+        if made and not keep and stop.returncode == 0 and os.environ.get("ROBERTA_DS_SLURM_KEEP") != "1":
             shutil.rmtree(root, ignore_errors=True)
 
 

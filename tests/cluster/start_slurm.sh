@@ -99,7 +99,8 @@ TmpFS=${BASE}/tmp/%n
 SlurmdTimeout=${SLURMD_TIMEOUT:-10}"
   for i in $(seq 1 "$NODES"); do
     NODE_CONF+="
-NodeName=rdsnode$i NodeAddr=${RDS_NET}.$((i + 1)) NodeHostname=rdsnode$i CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKNOWN"
+NodeName=rdsnode$i NodeAddr=${RDS_NET}.$((i + 1)) NodeHostname=rdsnode$i"
+    NODE_CONF+=" CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKNOWN"
   done
   NODE_CONF+="
 PartitionName=debug Nodes=rdsnode[1-${NODES}] Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
@@ -180,7 +181,8 @@ for _ in $(seq 150); do
   if timeout 10 srun -N"$NODES" --ntasks-per-node=1 --immediate=5 true 2>/dev/null; then ok=1; break; fi
   sleep 0.2
 done
-[ "$ok" = 1 ] || die "no job step ran on all ${NODES} node(s) within $(( $(date +%s) - t_wait )) s; see $BASE/log/slurmd*.log and $BASE/log/slurmctld.log"
+[ "$ok" = 1 ] || die "no job step ran on all ${NODES} node(s) within $(( $(date +%s) - t_wait )) s;" \
+                     "see $BASE/log/slurmd*.log and $BASE/log/slurmctld.log"
 sinfo
 echo "slurm up in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}') s" \
      "(${NODES} node(s), auth=$AUTH, base=$BASE, ports $CTLD_PORT/$SLURMD_PORT)"

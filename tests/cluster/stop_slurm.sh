@@ -16,7 +16,8 @@ export SLURM_CONF="$BASE/slurm.conf"
 rc=0
 
 # Jobs first (multi-node), while slurmctld can still tell the nodes to end their steps.
-if [ "$MULTI" = 1 ] && [ -s "$BASE/state/slurmctld.pid" ] && kill -0 "$(cat "$BASE/state/slurmctld.pid")" 2>/dev/null; then
+ctld_pid=$(cat "$BASE/state/slurmctld.pid" 2>/dev/null)
+if [ "$MULTI" = 1 ] && [ -n "$ctld_pid" ] && kill -0 "$ctld_pid" 2>/dev/null; then
   jobs=$(timeout 10 squeue -h -o %i 2>/dev/null)
   if [ -n "$jobs" ]; then
     # shellcheck disable=SC2086  # one id per word
