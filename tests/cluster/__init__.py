@@ -1,1 +1,2 @@
-"""The project's own one-node SLURM test cluster: start_slurm.sh, stop_slurm.sh and the slurm.py harness."""
+"""The project's own SLURM test clusters (one node, or N namespace nodes on one machine): start_slurm.sh,
+stop_slurm.sh, node.sh (the nodes' namespaces, crash, cut, heal) and the slurm.py harness."""
