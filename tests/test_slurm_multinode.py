@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster.slurm import MultiNodeCluster, slurm_multinode  # noqa: F401  (session fixture)
+from cluster.slurm import MultiNodeCluster, _free_ports, clean_env, slurm_multinode  # noqa: F401
+from readme_blocks import REPO, readme_block, run_bash, scaled
 from test_slurm_templates import SLURM_DIR, VENV, job_env, losses, signal_after_3_steps
 
 from roberta_ds import checkpoint as ckpt
@@ -207,67 +208,57 @@ echo "$(hostname) $(ip -4 -o addr show dev eth0 | awk '{print $4}')" \\
     assert Path("/etc/hosts").read_text() == real_hosts and "rdsnode" not in real_hosts
 
 
-def test_stop_leaves_nothing_behind_even_after_a_failed_test(tmp_path):
-    """A second 2-node cluster, left in the state a failing test leaves (a node crashed under a running
-    job, an srun waiting for it, a link cut), stopped twice: no daemon, process, namespace, link or
-    file outside its base directory remains."""
-    from cluster.slurm import skip_reason, slurm_cluster
+def links() -> list[str]:
+    proc = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False)
+    return proc.stdout.splitlines()
 
-    if skip_reason(multinode=True):
-        pytest.skip(skip_reason(multinode=True))
-    before_links = set(
-        subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split("\n")
-    )
-    had_netns_dir = Path("/run/netns").exists()
-    base = tmp_path / "cluster"
-    with slurm_cluster(base, nodes=2, with_mpi=False, keep=True) as mn:
+
+def test_readme_cluster_by_hand_and_a_stop_that_leaves_nothing(slurm_multinode, tmp_path):
+    """slurm/README.md's by-hand block (a second cluster, 2 nodes, beside the session's): its nodes
+    answer srun; then, left as a failing test leaves it (a job running, a node crashed under it,
+    another node cut off), its stop line run twice leaves no daemon, process, namespace, link or file
+    outside its directory."""
+    base = tmp_path / "mn"
+    lines = readme_block("multinode-cluster").lines()
+    lines = [line.replace("/tmp/mn", str(base)) for line in lines]
+    lines[0] = scaled(lines[0], [("SLURM_NODES=3", "SLURM_NODES=2")])
+    assert all(str(base) in line for i, line in enumerate(lines) if i not in (2, 3)), lines
+    ctld, slurmd = _free_ports(2)
+    env = clean_env({"SLURMCTLD_PORT": str(ctld), "SLURMD_PORT": str(slurmd), "SLURM_WITH_MPI": "0"})
+    before_links, had_netns_dir = set(links()), Path("/run/netns").exists()
+    up = run_bash("\n".join(lines[:5]), cwd=REPO, env=env, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout
+        mn = MultiNodeCluster(base)
+        assert re.search(r"debug\*\s+up\s+infinite\s+2\s+idle rdsnode\[1-2\]", up.stdout), up.stdout
+        assert sorted(re.findall(r"^rdsnode\d$", up.stdout, re.MULTILINE)) == ["rdsnode1", "rdsnode2"]
+        assert f"inet {mn.address('rdsnode2')}/28" in up.stdout, up.stdout
         job = mn.sbatch("#!/bin/bash\nsrun -N2 sleep 300\n", args=["-N", "2"], name="stuck", cwd=tmp_path)
         mn.wait(job, 30, until={"RUNNING"})
         wait_for(lambda: len(mn.netns_pids("rdsnode2")) > 1, "the step on rdsnode2", mn, job, 30)
-        mn.crash("rdsnode2")
+        for i in (5, 6, 7):  # cut, heal, crash rdsnode2
+            res = run_bash(lines[1] + "\n" + lines[i], cwd=REPO, env=env, timeout=60)
+            assert res.returncode == 0, (lines[i], res.stdout)
         mn.cut("rdsnode1")
-        env = dict(
-            line.split("=", 1) for line in (base / "cluster.env").read_text().splitlines() if "=" in line
-        )
+        env_file = (base / "cluster.env").read_text().splitlines()
+        ident = dict(x.split("=", 1) for x in env_file if "=" in x)["RDS_ID"]
         daemons = [int(p.read_text()) for p in (base / "state").glob("*.pid")]
         in_nodes = mn.netns_pids("rdsnode1")  # slurmd, the batch script, its srun, a task
         assert len(in_nodes) >= 3
-    stop = subprocess.run(
-        ["bash", str(Path(__file__).parent / "cluster" / "stop_slurm.sh"), str(base)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert stop.returncode == 0, stop.stdout + stop.stderr  # the second stop
-    ident = env["RDS_ID"]
-    assert not [
-        line
-        for line in subprocess.run(
-            ["ip", "-o", "link"], capture_output=True, text=True, check=False
-        ).stdout.split("\n")
-        if f"rds{ident}" in line
-    ]
-    assert not [
-        n for n in (Path("/run/netns").iterdir() if Path("/run/netns").exists() else ()) if ident in n.name
-    ]
-    assert Path("/run/netns").exists() == had_netns_dir
+    finally:
+        for _ in range(2):  # the stop, twice
+            stop = run_bash(lines[8], cwd=REPO, env=env, timeout=120)
+            assert stop.returncode == 0, stop.stdout
+    assert not [line for line in links() if f"rds{ident}" in line]
+    netns = Path("/run/netns")
+    assert not [n for n in (netns.iterdir() if netns.exists() else ()) if ident in n.name]
+    assert netns.exists() == had_netns_dir and set(links()) <= before_links
     assert not (base / "cluster.env").exists()
     alive = [p for p in daemons + in_nodes if running(p)]
     assert alive == [], alive
     assert "rdsnode" not in Path("/etc/hosts").read_text()
-    leftovers = subprocess.run(
-        ["pgrep", "-f", str(base)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert leftovers == [], leftovers
-    assert (
-        set(
-            subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout.split(
-                "\n"
-            )
-        )
-        <= before_links
-    )
+    leftovers = subprocess.run(["pgrep", "-f", str(base)], capture_output=True, text=True, check=False)
+    assert leftovers.stdout.split() == [], leftovers.stdout
 
 
 # ---- training across nodes ------------------------------------------------------------------------
