@@ -82,6 +82,7 @@ def corpus_files(args: argparse.Namespace, out: Path) -> tuple[list[Path], str]:
     if args.corpus:
         files = resolve_inputs(args.corpus, recursive=True)
         return files, f"your corpus: {', '.join(args.corpus)}"
+    out.mkdir(parents=True, exist_ok=True)
     return write_builtin_corpus(out / "corpus", min_chars=40, comments=True), \
         "built-in corpus: docstrings and comments of the Python standard library"
 
@@ -176,11 +177,11 @@ def main(argv: list[str]) -> int:
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
     t = _step("1/6 corpus")
-    files, what = corpus_files(args, out)
+    files, what = corpus_files(args, out)  # a missing --corpus path stops here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     check_inputs(out, files, settings, args.text_field)
     size = sum(f.stat().st_size for f in files)
     print(f"{what}: {len(files)} file(s), {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")
@@ -200,7 +201,9 @@ def main(argv: list[str]) -> int:
     from roberta_ds.quickstart_fill import fill_mask, format_example, validation_examples
 
     examples = validation_examples(shards / "valid", tok_dir)
-    for example, preds in zip(examples, fill_mask(hf, examples)):
+    if not examples:
+        print("(the validation split holds no prose sentence of 8-24 tokens to mask)")
+    for example, preds in zip(examples, fill_mask(hf, examples) if examples else []):
         print(format_example(example, preds))
 
     from roberta_ds.quickstart_report import read_result, summary_lines
