@@ -66,6 +66,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="your own text instead of the built-in corpus: .txt (a blank line between documents), "
                         ".jsonl (--text-field), .gz of either, or directories of them (searched recursively)")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text (default: text)")
+    p.add_argument("--on-decode-error", default="strict", choices=("strict", "replace"),
+                   help="non-UTF-8 input: stop naming the file and line (strict, default) or replace the bytes")
     p.add_argument("--out", default="quickstart_out", help="working directory (default: ./quickstart_out)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps to train (default: {d.steps})")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary (default: {d.vocab_size})")
@@ -81,16 +83,17 @@ def corpus_files(args: argparse.Namespace, out: Path) -> tuple[list[Path], str]:
 
     if args.corpus:
         files = resolve_inputs(args.corpus, recursive=True)
-        return files, f"your corpus: {', '.join(args.corpus)}"
+        shown = args.corpus if len(args.corpus) <= 3 else [*args.corpus[:2], f"... ({len(args.corpus)} paths)"]
+        return files, f"your corpus: {', '.join(shown)}"
     out.mkdir(parents=True, exist_ok=True)
     return write_builtin_corpus(out / "corpus", min_chars=40, comments=True), \
         "built-in corpus: docstrings and comments of the Python standard library"
 
 
-def check_inputs(out: Path, files: list[Path], settings: QuickstartSettings, text_field: str) -> None:
+def check_inputs(out: Path, files: list[Path], settings: QuickstartSettings, reading: dict[str, str]) -> None:
     """Refuse an output directory made from other inputs or settings (its tokenizer and shards would be
     reused); record the inputs of a new one."""
-    stamp = {"corpus": [[str(f.resolve()), f.stat().st_size] for f in files], "text_field": text_field,
+    stamp = {"corpus": [[str(f.resolve()), f.stat().st_size] for f in files], **reading,
              "settings": dataclasses.asdict(settings)}
     path = out / INPUTS_FILE
     if path.is_file():
@@ -103,8 +106,10 @@ def check_inputs(out: Path, files: list[Path], settings: QuickstartSettings, tex
     atomic_write_bytes(path, json.dumps(stamp, indent=1).encode())
 
 
-def build_data(files: list[Path], out: Path, settings: QuickstartSettings, text_field: str) -> tuple[Path, Path]:
-    """Steps 2 and 3: the tokenizer and the verified train/valid shard sets. Returns (tokenizer, shards)."""
+def build_data(files: list[Path], out: Path, settings: QuickstartSettings,
+               reading: dict[str, str]) -> tuple[Path, Path]:
+    """Steps 2 and 3: the tokenizer and the verified train/valid shard sets. Returns (tokenizer, shards).
+    `reading`: text_field and on_decode_error, as build-shards takes them."""
     from data_tools.build_shards import build_shards
     from data_tools.train_tokenizer import train_tokenizer
     from roberta_ds.shards import verify_set
@@ -113,12 +118,12 @@ def build_data(files: list[Path], out: Path, settings: QuickstartSettings, text_
     t = _step(f"2/6 byte-level BPE tokenizer, vocab {settings.vocab_size:,}")
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer(files, tok_dir, vocab_size=settings.vocab_size, text_field=text_field)
+        train_tokenizer(files, tok_dir, vocab_size=settings.vocab_size, **reading)
     print(f"{tok_dir} ({time.perf_counter() - t:.1f}s)")
 
     t = _step("3/6 shards (.bin/.idx + manifest), a full verify, the unigram baselines")
     shards = out / "shards"
-    build_shards(files, tok_dir, shards, workers=min(2, os.cpu_count() or 1), text_field=text_field,
+    build_shards(files, tok_dir, shards, workers=min(2, os.cpu_count() or 1), **reading,
                  valid_fraction=settings.valid_fraction, seed=settings.seed)
     for split in ("train", "valid"):
         m = verify_set(shards / split)
@@ -182,11 +187,12 @@ def main(argv: list[str]) -> int:
     t = _step("1/6 corpus")
     files, what = corpus_files(args, out)  # a missing --corpus path stops here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    check_inputs(out, files, settings, args.text_field)
+    reading = {"text_field": args.text_field, "on_decode_error": args.on_decode_error}
+    check_inputs(out, files, settings, reading)
     size = sum(f.stat().st_size for f in files)
     print(f"{what}: {len(files)} file(s), {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f}s)")
 
-    tok_dir, shards = build_data(files, out, settings, args.text_field)
+    tok_dir, shards = build_data(files, out, settings, reading)
     train_s = train(out, tok_dir, shards, settings, ranks)
 
     t = _step("5/6 Hugging Face export (logits checked against our model)")

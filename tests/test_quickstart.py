@@ -141,9 +141,15 @@ def test_own_corpus_of_every_format(builtin_corpus: Path, tmp_path: Path) -> Non
 
 
 def test_bad_inputs_are_refused_before_training(builtin_run: Run, tmp_path: Path) -> None:
+    """A missing path, bytes that are not UTF-8 (naming file and line, and the flag that accepts them),
+    an output directory made from other inputs: exit 1 before any training."""
     missing = quickstart(tmp_path / "out", "--corpus", str(tmp_path / "nope.txt"))
     assert missing.returncode == 1 and f"{tmp_path / 'nope.txt'}: input file not found" in missing.output
     assert "=== 2/6" not in missing.output
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me.\n".encode("latin-1"))
+    binary = quickstart(tmp_path / "out2", "--corpus", str(tmp_path / "latin1.txt"))
+    assert binary.returncode == 1 and f"{tmp_path / 'latin1.txt'}:1: not UTF-8" in binary.output
+    assert "--on-decode-error=replace" in binary.output and "=== 4/6" not in binary.output
     (tmp_path / "one.txt").write_text("A sentence of text.\n")
     other = quickstart(builtin_run.out, "--corpus", str(tmp_path / "one.txt"), "--steps", str(BUILTIN_STEPS))
     assert other.returncode == 1 and "made by an earlier quickstart from other inputs" in other.output
