@@ -60,6 +60,7 @@ from roberta_ds.shards import (
     write_manifest,
 )
 from roberta_ds.tokenizer import TokenizerInfo, load_tokenizer_info
+from roberta_ds.unigram import with_token_stats
 
 DEFAULT_SHARD_TOKENS = 1 << 27
 """134M tokens: a 256 MiB .bin with uint16 ids."""
@@ -501,7 +502,7 @@ def build_shards(
         )
     manifests = {}
     for split in SPLITS:
-        manifests[split] = split_manifest(split, tok, infos[split], settings, stats)
+        manifests[split] = with_token_stats(out / split, split_manifest(split, tok, infos[split], settings, stats))
         write_manifest(out / split, manifests[split])
     return manifests
 

@@ -57,6 +57,7 @@ from data_tools.text_input import ReadStats, iter_documents_utf8, resolve_inputs
 from roberta_ds.errors import UserError
 from roberta_ds.shards import Manifest, atomic_write_bytes, open_shards, token_dtype, write_manifest
 from roberta_ds.tokenizer import load_tokenizer_info
+from roberta_ds.unigram import with_token_stats
 
 PARTS_DIR = ".parts"
 DONE_NAME = "done.json"
@@ -296,7 +297,7 @@ def merge_parts(
         counts = ReadStats(documents=documents_read,
                            skipped_empty=sum(r["documents_skipped_empty"] for r in records),
                            replacements=sum(r["decode_replacements"] for r in records))
-        manifests[split] = split_manifest(split, tok, infos[split], settings, counts)
+        manifests[split] = with_token_stats(out / split, split_manifest(split, tok, infos[split], settings, counts))
         write_manifest(out / split, manifests[split])
     if progress:
         print(

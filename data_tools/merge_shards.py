@@ -31,6 +31,7 @@ from roberta_ds.shards import (
     open_shards,
     write_manifest,
 )
+from roberta_ds.unigram import with_token_stats
 
 
 def _copy_checked(src: Path, dst: Path, size: int, sha256: str) -> None:
@@ -108,6 +109,7 @@ def merge_shard_sets(sets: Sequence[str | Path], out_dir: str | Path) -> Manifes
             ],
         },
     )
+    manifest = with_token_stats(out, manifest)
     write_manifest(out, manifest)
     return manifest
 

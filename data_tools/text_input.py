@@ -86,15 +86,18 @@ def input_format(path: Path) -> str:
     return "jsonl" if name.endswith(JSONL_SUFFIXES) else "txt"
 
 
-def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Input files in order; a directory stands for its files (sorted, non-recursive, no dotfiles)."""
+def resolve_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> list[Path]:
+    """Input files in order; a directory stands for its files (sorted, no dotfiles; with `recursive`,
+    those of its subdirectories too, in sorted path order, skipping dot-directories)."""
     if not inputs:
         raise UserError("no input files given")
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            inside = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+            found = p.rglob("*") if recursive else p.iterdir()
+            inside = sorted(f for f in found if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts))
             if not inside:
                 raise UserError(f"{p}: input directory holds no files")
             files += inside

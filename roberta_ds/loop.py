@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from roberta_ds import checkpoint as ckpt
@@ -47,6 +48,7 @@ def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
         "precision": precision(rt.ds),
         "samples_consumed": rt.step * rt.plan.global_batch,
         "skipped_steps": rt.skipped_total,
+        "tokens_seen": rt.tokens_seen,
         "consecutive_skips": consecutive_skips,
         "data": config_to_dict(cfg.data),
     }
@@ -65,20 +67,47 @@ def model_inputs(
     return args, {"unpad_index": index}
 
 
-def evaluate(rt: Runtime, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """Validation loss (token-weighted over every rank's masked positions) and perplexity."""
+def evaluate(rt: Runtime, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Validation over every rank's masked positions, token-weighted: {valid_loss, valid_ppl, valid_acc}
+    (valid_acc: the share of masked positions whose top-1 prediction is the original token)."""
     rt.engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=comm_device(rt.device))
+    total = torch.zeros(3, dtype=torch.float64, device=comm_device(rt.device))  # loss x n, n, correct
     with torch.no_grad():
         for b in batches:
             args, kwargs = model_inputs(b, rt.device, rt.cfg.model.unpad)
-            loss = rt.engine(*args, **kwargs)  # 0 when nothing is masked
+            loss, correct = rt.engine(*args, **kwargs, count_correct=True)  # loss 0 when nothing is masked
             n = (args[2] != -100).sum()
-            total += torch.stack([torch.where(n > 0, loss.double() * n, 0.0), n.double()]).to(total.device)
+            total += torch.stack([torch.where(n > 0, loss.double() * n, 0.0), n.double(),
+                                  correct.double()]).to(total.device)
     rt.engine.train()
     all_reduce(total)
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return loss, math.exp(min(loss, 50.0))
+    count = total[1].clamp(min=1)
+    loss = (total[0] / count).item()
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0)), "valid_acc": (total[2] / count).item()}
+
+
+def run_baselines(rt: Runtime, valid: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """The context-free baselines of the run's data (unigram.py) as metric fields: `unigram_*` of the
+    training blend, and `valid_unigram_*` of the validation sets (empty without validation). Every rank
+    calls it: sets without stored statistics are counted across ranks."""
+    from roberta_ds.unigram import describe, group_stats, metric_fields
+
+    def sum_ranks(counts: np.ndarray) -> np.ndarray:
+        return all_reduce(torch.from_numpy(counts).to(comm_device(rt.device))).cpu().numpy()
+
+    def log(message: str) -> None:
+        dist.print0(f"[roberta-ds] {message}")
+
+    rank, world = rt.env.rank, rt.env.world_size
+    blend = rt.data.blend  # mixture weights: samples drawn per block of each set
+    train = group_stats([s.path for s in rt.data.sources], [c / n for c, n in zip(blend.counts, blend.sizes)],
+                        rank, world, sum_ranks, log)
+    dist.print0(f"[roberta-ds] context-free baseline, {describe('training data', train)}")
+    if not valid:
+        return metric_fields("", train), {}
+    stats = group_stats([s.path for s in rt.cfg.data.valid], None, rank, world, sum_ranks, log)
+    dist.print0(f"[roberta-ds] context-free baseline, {describe('validation data', stats)}")
+    return metric_fields("", train), metric_fields("valid_", stats)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -137,6 +166,7 @@ class Trainer:
             self.valid = list(valid_batches(cfg.data, rank=env.rank, world_size=env.world_size,
                                             micro_batch=plan.micro_batch, max_batches=cfg.eval_batches,
                                             word_starts=word_starts, unpad=cfg.model.unpad))
+        self.train_baseline, self.valid_baseline = run_baselines(rt, bool(self.valid))
         # The head runs on K mask slots per row, so the MFU formula's f is K / T.
         self.flops_token = flops_per_token(cfg.model, cfg.data.max_seq_len, mask_slots(cfg.data) / cfg.data.max_seq_len)
         name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
@@ -147,6 +177,7 @@ class Trainer:
             ckpt.restore_rng(rt.rng_state)
         self.window = Window()
         self.loss_sum = torch.zeros((), device=rt.device)
+        self.pending_tokens = 0  # this rank's real tokens not yet summed into rt.tokens_seen
         self.consecutive_skips = 0
         self.last_saved = rt.step if rt.step > 0 else -1
         self.times = StepTimes()
@@ -215,6 +246,7 @@ class Trainer:
                 marks[-1].append(self._now())
         rt.step += 1
         self.window.add(tokens, samples)
+        self.pending_tokens += tokens
         # The one host sync per optimizer step: did any rank skip, did any rank get a stop signal?
         flags = torch.tensor([float(not engine.was_step_applied()), self.stop.value()], device=self.comm_dev)
         flags[0] = torch.maximum(flags[0], rt.optimizer.skipped.to(self.comm_dev))
@@ -240,8 +272,10 @@ class Trainer:
         rt, env, plan = self.rt, self.rt.env, self.rt.plan
         f64 = dict(dtype=torch.float64, device=self.comm_dev)
         stats = torch.stack([self.loss_sum.double().to(self.comm_dev), torch.tensor(float(self.window.tokens), **f64),
-                             torch.tensor(float(self.window.samples), **f64)])
-        all_reduce(stats)  # loss summed over the window's micro-batches and ranks; tokens; samples
+                             torch.tensor(float(self.window.samples), **f64),
+                             torch.tensor(float(self.pending_tokens), **f64)])
+        all_reduce(stats)  # loss summed over the window's micro-batches and ranks; tokens; samples; tokens
+        self._add_tokens_seen(stats[3].item())
         window_micro = self.window.steps * plan.grad_accum * env.world_size
         seconds = self.window.take()["seconds"]
         tokens_per_s = stats[1].item() / seconds
@@ -252,20 +286,29 @@ class Trainer:
             "samples_per_s": stats[2].item() / seconds,
             "mfu": mfu(tokens_per_s, self.flops_token, env.world_size, self.peak),
             "peak_mem_gib": peak_memory_gib(rt.device), "samples_consumed": rt.step * plan.global_batch,
+            **({"tokens_seen": rt.tokens_seen} if rt.tokens_seen is not None else {}), **self.train_baseline,
         }
         self.loss_sum.zero_()
         if evaluate_now:
             self.progress.mark(rt.step, "evaluation")
-            record["valid_loss"], record["valid_ppl"] = evaluate(rt, self.valid)
+            record.update(evaluate(rt, self.valid), **self.valid_baseline)
         elapsed = time.perf_counter() - t_start
         eta = elapsed / max(1, rt.step - start_step) * (rt.cfg.last_step - rt.step)
         self.sink.log(record)
         self.sink.print(console_line(record, rt.cfg.last_step, eta))
         return record
 
+    def _add_tokens_seen(self, tokens: float) -> None:
+        """Add every rank's pending tokens (summed already) to the run's count."""
+        if self.rt.tokens_seen is not None:
+            self.rt.tokens_seen += round(tokens)  # float64 holds integers exactly up to 2**53
+        self.pending_tokens = 0
+
     def save(self, reason: str) -> None:
         rt = self.rt
         self.progress.mark(rt.step, f"save ({reason})")
+        pending = torch.tensor([float(self.pending_tokens)], dtype=torch.float64, device=self.comm_dev)
+        self._add_tokens_seen(all_reduce(pending).item())  # the checkpoint records the count at its step
         path = ckpt.save(rt.engine, rt.out / "checkpoints", rt.step, checkpoint_meta(rt, self.consecutive_skips),
                          rt.cfg.keep_last, fault=lambda point: self.faults.at(point, rt.step))
         self.last_saved = rt.step
@@ -298,8 +341,7 @@ class Trainer:
                 self.log(t_start, start_step, eval_due)
             elif eval_due:
                 self.progress.mark(rt.step, "evaluation")
-                loss, ppl = evaluate(rt, self.valid)
-                self.sink.log({"step": rt.step, "valid_loss": loss, "valid_ppl": ppl})
+                self.sink.log({"step": rt.step, **evaluate(rt, self.valid), **self.valid_baseline})
             if self.consecutive_skips >= cfg.max_consecutive_skips:
                 self.save("too many skipped steps")
                 dist.print0(

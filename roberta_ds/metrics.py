@@ -138,10 +138,15 @@ class MetricsSink:
 
 
 def console_line(r: dict[str, Any], last_step: int, eta_s: float) -> str:
-    """One progress line: step/total, loss, lr, grad norm, throughput, MFU, memory, ETA."""
-    parts = [f"step {r['step']}/{last_step} ({100.0 * r['step'] / last_step:.1f}%)", f"loss {r['loss']:.4f}"]
+    """One progress line: step/total, loss, validation loss and accuracy, each against its context-free
+    baseline (unigram.py) when known, lr, grad norm, throughput, MFU, memory, ETA."""
+    parts = [f"step {r['step']}/{last_step} ({100.0 * r['step'] / last_step:.1f}%)",
+             f"loss {r['loss']:.4f}" + _against_entropy(r['loss'], r.get("unigram_entropy"))]
     if r.get("valid_loss") is not None:
-        parts.append(f"valid {r['valid_loss']:.4f} (ppl {r['valid_ppl']:.2f})")
+        parts.append(f"valid {r['valid_loss']:.4f} (ppl {r['valid_ppl']:.2f})"
+                     + _against_entropy(r["valid_loss"], r.get("valid_unigram_entropy")))
+    if r.get("valid_acc") is not None:
+        parts.append(f"acc {100 * r['valid_acc']:.2f}%" + _against_top1(r["valid_acc"], r.get("valid_unigram_top1")))
     parts.append(f"lr {r['lr']:.3g}")
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
@@ -156,3 +161,17 @@ def console_line(r: dict[str, Any], last_step: int, eta_s: float) -> str:
         parts.append(f"skipped {r['skipped_steps']}")
     parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def _against_entropy(loss: float, entropy: float | None) -> str:
+    """" vs unigram 6.71 (-1.23)": the loss against the context-free bound (negative: below it)."""
+    if entropy is None or not math.isfinite(loss):
+        return ""
+    return f" vs unigram {entropy:.2f} ({loss - entropy:+.2f})"
+
+
+def _against_top1(acc: float, top1: float | None) -> str:
+    """" vs top-1 7.3% (3.1x)": the accuracy against always answering the most frequent token."""
+    if top1 is None:
+        return ""
+    return f" vs top-1 {100 * top1:.1f}%" + (f" ({acc / top1:.2f}x)" if top1 > 0 else "")

@@ -28,6 +28,8 @@ Speed choices, none of which changes the maths:
     model = RobertaMLM(model_config("tiny", vocab_size=1000))
     ids = torch.randint(4, 1000, (2, 16))                      # (B, T), padding = cfg.pad_id
     loss = model(ids, torch.tensor([[3, 5], [1, 0]]), torch.tensor([[7, 9], [11, -100]]))
+    loss, correct = model(ids, torch.tensor([[3, 5], [1, 0]]), torch.tensor([[7, 9], [11, -100]]),
+                          count_correct=True)             # + top-1 hits among the 3 labels
     logits = model.logits(ids)                                 # (B, T, V)
 """
 
@@ -72,6 +74,16 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
     count = target.ne(IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+def masked_lm_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many entries whose label is not -100 have that label as their top-1 prediction.
+
+    logits (..., V), labels (...) -> int64 scalar (a tensor: no host sync). A tie goes to the lowest
+    id, as `argmax` breaks it.
+    """
+    hit = logits.argmax(dim=-1).eq(labels) & labels.ne(IGNORE_INDEX)
+    return hit.sum()
 
 
 def make_dropout(cfg: ModelConfig) -> nn.Module:
@@ -251,7 +263,8 @@ class RobertaMLM(nn.Module):
         *,
         has_padding: bool = True,
         unpad_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        count_correct: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training loss: mean cross-entropy over the labelled entries.
 
         input_ids (B, T) int64, right-padded with cfg.pad_id; mlm_positions (B, K) int64 positions
@@ -260,6 +273,8 @@ class RobertaMLM(nn.Module):
         `has_padding=False` promises the batch holds no pad token and drops the attention mask.
         With `model.unpad`, `unpad_index` (the loader's, see `encode_unpadded`) runs the layers on the
         real tokens only; without it the padded layout runs, with the same result.
+        `count_correct=True` (validation) returns (loss, correct): correct is the int64 number of
+        labelled entries whose top-1 prediction (argmax over the vocabulary) is the label.
         """
         if self._decided(input_ids).unpad and unpad_index is not None and has_padding:
             hidden, offsets = self.encode_unpadded(input_ids, unpad_index)  # (N, H)
@@ -270,7 +285,10 @@ class RobertaMLM(nn.Module):
             index = mlm_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, K, H)
             picked = torch.gather(hidden, 1, index)  # (B, K, H): the only rows the head sees
         logits = self.head(picked, self.embeddings.word.weight)  # (B, K, V)
-        return masked_lm_loss(logits, mlm_labels)
+        loss = masked_lm_loss(logits, mlm_labels)
+        if not count_correct:
+            return loss
+        return loss, masked_lm_correct(logits, mlm_labels)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full vocabulary logits at every position, (B, T) -> (B, T, V), for inference and export

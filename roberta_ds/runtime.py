@@ -37,6 +37,9 @@ class Runtime:
     out: Path
     rng_state: dict[str, Any] | None
     """This rank's RNG states from the checkpoint, restored just before the first step."""
+    tokens_seen: int | None = 0
+    """Real (non-padding) tokens consumed by every rank so far; None after resuming from a checkpoint
+    that predates the count (it is then not reported)."""
 
 
 def comm_device(device: torch.device) -> torch.device:

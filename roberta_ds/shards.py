@@ -41,8 +41,16 @@ sequence: 34 + 13 S + 8 D bytes).
 `manifest.json` (written last, atomically: temp name, fsync, rename) describes the set:
 format name and version, tokenizer fingerprint (sha256 of tokenizer.json bytes), vocab size,
 special token ids, token dtype, per-shard sequence/token/document counts, byte sizes and sha256
-checksums, and `created_by` (the command, its inputs and settings). A directory without a
-manifest is not a shard set, so a build killed mid-way never looks valid.
+checksums, `created_by` (the command, its inputs and settings) and, optionally, `token_stats`: the
+unigram entropy and top-1 share of the set's maskable tokens (roberta_ds/unigram.py; `verify`
+recounts them). A directory without a manifest is not a shard set, so a build killed mid-way never
+looks valid.
+
+Compatibility: readers ignore manifest fields they do not know. A field may be added within a
+format version only when a reader that ignores it still reads the set correctly, and a reader must
+not require it (`token_stats` is such a field: sets written before it are counted on the fly);
+anything else (a changed meaning, a required field, another byte layout) bumps FORMAT_VERSION,
+which readers refuse when it is not theirs. megatron-core reads only the `.bin/.idx` pair.
 """
 
 from __future__ import annotations
@@ -521,6 +529,8 @@ class Manifest:
     created_by: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    token_stats: dict[str, Any] | None = None
+    """Unigram statistics of the maskable tokens (roberta_ds/unigram.py); None in sets written before them."""
 
     @property
     def sequences(self) -> int:
@@ -536,6 +546,8 @@ class Manifest:
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
+        if d["token_stats"] is None:
+            del d["token_stats"]  # written like a manifest from before the field
         d["totals"] = {"sequences": self.sequences, "tokens": self.tokens, "documents": self.documents}
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
@@ -598,6 +610,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             dtype=str(raw["dtype"]),
             shards=shards,
             created_by=dict(raw.get("created_by", {})),
+            token_stats=raw.get("token_stats"),
         )
     except KeyError as e:
         raise ShardFormatError(f"{path}: missing field {e.args[0]!r}") from None
@@ -612,6 +625,10 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raise ShardFormatError(f"{path}: field 'dtype' is {manifest.dtype!r}, not a numpy dtype") from None
     if dtype != token_dtype(manifest.vocab_size) and dtype != np.int32:
         raise ShardFormatError(f"{path}: dtype {manifest.dtype} cannot hold vocab_size {manifest.vocab_size}")
+    if manifest.token_stats is not None:
+        from roberta_ds.unigram import UnigramStats  # its module reads shards: imported here, not at the top
+
+        UnigramStats.from_manifest(manifest.token_stats, str(path))
     return manifest
 
 
@@ -731,4 +748,7 @@ def verify_set(directory: str | os.PathLike, tokenizer_sha256: str | None = None
                 f"{idx_path(prefix)}: dtype {dtype}, but the manifest says {manifest.dtype}"
             )
         verify_shard(prefix, manifest.vocab_size, info)
+    from roberta_ds.unigram import check_stored_stats
+
+    check_stored_stats(directory, manifest)
     return manifest

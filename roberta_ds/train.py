@@ -217,7 +217,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     np.random.seed((cfg.seed * 100_003 + 1 + env.rank) % 2**32)
     random.seed(cfg.seed * 100_003 + 1 + env.rank)
 
-    step, skipped_total, rng_state = 0, 0, None
+    step, skipped_total, rng_state, tokens_seen = 0, 0, None, 0
     if point is not None:
         loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
@@ -225,6 +225,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
             raise ckpt.CheckpointError(f"{point.chosen.path}: DeepSpeed could not load it")
         step = int(point.chosen.meta["step"])
         skipped_total = int(point.chosen.meta.get("skipped_steps", 0))
+        tokens_seen = point.chosen.meta.get("tokens_seen")
         rng = point.chosen.path / ckpt.rng_file(env.rank)
         if not point.universal and rng.is_file():
             rng_state = json.loads(rng.read_text())
@@ -234,7 +235,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         out.mkdir(parents=True, exist_ok=True)
         _copy_tokenizer(cfg.tokenizer, out)
     return Runtime(cfg, ds, plan, env, device, engine, optimizer, data, tok.sha256, step, skipped_total, out,
-                   rng_state)
+                   rng_state, tokens_seen)
 
 
 def _hold_output_dir(out: Path, timeout_s: float, rank: int) -> str | None:

@@ -89,6 +89,22 @@ def test_masked_only_loss_equals_full_head_loss():
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_correct_count_is_the_full_heads_top1_hits():
+    """count_correct: how many labelled entries the full head's argmax gets right (ignored ones never count)."""
+    model = make_model().eval()
+    ids = batch([30, 17, 9], T=30)
+    pos, lab = mlm_targets(ids, K=6)
+    with torch.no_grad():
+        full = model.logits(ids)
+        top1 = full.argmax(-1).gather(1, pos)  # (B, K) the prediction at each slot
+        lab[0, :3] = top1[0, :3]  # some labels the model gets right, the rest (random ids) mostly wrong
+        lab[2, -1] = IGNORE_INDEX  # an unused slot: never counted
+        loss, correct = model(ids, pos, lab, count_correct=True)
+    expected = int(((top1 == lab) & lab.ne(IGNORE_INDEX)).sum())
+    assert correct.dtype == torch.int64 and int(correct) == expected >= 3
+    torch.testing.assert_close(loss, model(ids, pos, lab))
+
+
 def test_gradients_of_masked_only_loss_equal_full_head_loss():
     model = make_model().eval()
     ids = batch([20, 11], T=20)

@@ -63,7 +63,7 @@ def test_resume_on_cuda_matches_straight_run(
 def test_quickstart_on_cuda(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "roberta-ds"
     head = [str(script)] if script.is_file() else [sys.executable, "-m", "roberta_ds.cli"]
-    proc = subprocess.Popen([*head, "quickstart", "--out", str(tmp_path / "qs"), "--steps", "60"],
+    proc = subprocess.Popen([*head, "quickstart", "--out", str(tmp_path / "qs"), "--steps", "200"],
                             env=launcher_env(), cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -71,6 +71,8 @@ def test_quickstart_on_cuda(tmp_path: Path) -> None:
     finally:
         kill_group(proc.pid)
     assert proc.returncode == 0, output[-6000:]
-    assert "bf16, ZeRO-2" in output  # bf16 on the GPU (the CPU quickstart trains in fp32)
-    m = re.search(r"^loss (\d+\.\d+) -> (\d+\.\d+) \(", output, re.MULTILINE)
-    assert m and float(m.group(2)) < float(m.group(1)) - 1.0, output[-4000:]
+    assert "bf16, ZeRO-1" in output  # bf16 on the GPU (the CPU quickstart trains in fp32)
+    # 200 steps: past the unigram plateau on 2 CPU ranks (-0.46 nats at step 200), not yet the goal.
+    m = re.search(r"^validation loss  \d+\.\d+ nats: (\d+\.\d+) below the validation tokens' unigram", output,
+                  re.MULTILINE)
+    assert m and float(m.group(1)) > 0.2, output[-4000:]
