@@ -81,8 +81,8 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     # Diagnostic, not the recipe: what attention-probability dropout costs the attention kernels (the
     # profile's 24.5%; bench/NOTES.md "ceiling"). Residual and FFN dropout stay at 0.1.
     Case("base512_m64_attn_nodrop", "ours", B, 512, 64, overrides=(("attention_dropout", 0.0),)),
-    # FlashAttention-2's varlen kernel with dropout over each row's real tokens (roberta_ds/attention.py)
-    # instead of cuDNN's masked kernel: the attention lever of the ceiling arithmetic (NOTES.md).
+    # FlashAttention-2's varlen kernel with dropout over each row's real tokens (roberta_ds/model/attention.py)
+    # instead of cuDNN's masked kernel: the attention lever of the ceiling arithmetic (bench/NOTES.md).
     Case("base512_m64_varlen", "ours", B, 512, 64, overrides=VARLEN, goal=600e3),
     Case("base512_m128_z1_varlen", "ours", B, 512, 128, zero=1, overrides=VARLEN, goal=600e3),
     Case("large512_m32_varlen", "ours", L, 512, 32, overrides=VARLEN, goal=220e3),
@@ -98,7 +98,7 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m256_z1_unpad", "ours", B, 512, 256, zero=1, overrides=UNPAD, goal=600e3),
     Case("large512_m64_z1_unpad", "ours", L, 512, 64, zero=1, overrides=UNPAD, goal=220e3),
     # The same without bf16.immediate_grad_update: bf16 gradients zeroed and accumulated into at every
-    # micro-batch (two kernels per tensor instead of one; roberta_ds/ds_grad_accum.py).
+    # micro-batch (two kernels per tensor instead of one; roberta_ds/engine/ds_grad_accum.py).
     Case("large512_m64_z1_nohook", "ours", L, 512, 64, zero=1, overrides=UNPAD, goal=220e3,
          ds_sets=("bf16.immediate_grad_update=false",)),
     # Between m128 (560.8K) and m256 (481.2K, one LayerNorm-backward kernel 6x slower per element).
@@ -118,7 +118,7 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m256_z1_split32", "ours", B, 512, 256, zero=1, overrides=UNPAD, goal=600e3, sets=SPLIT32),
     Case("base512_m192_z1_cdt", "ours", B, 512, 192, zero=1, overrides=UNPAD, goal=600e3, sets=CDT),
     # Hidden-state dropout masks from an integer hash instead of Philox (model.dropout_rng=hash,
-    # roberta_ds/hash_dropout.py): the fused add + dropout + LayerNorm kernel ran at half of HBM
+    # roberta_ds/model/hash_dropout.py): the fused add + dropout + LayerNorm kernel ran at half of HBM
     # bandwidth. The nodrop case (diagnostic, not the recipe) bounds what any dropout RNG can gain.
     Case("base512_m128_z1_hash", "ours", B, 512, 128, zero=1, overrides=(*UNPAD, ("dropout_rng", "hash")),
          goal=600e3),

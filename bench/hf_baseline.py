@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
 import torch
 
 from roberta_ds.config import ModelConfig, model_config
-from roberta_ds.metrics import flops_per_token, mfu
+from roberta_ds.engine.metrics import flops_per_token, mfu
 
 H100_PEAK_TFLOPS = 989.0
 """Dense bf16 datasheet peak of an H100 SXM: every MFU in these benchmarks is quoted against it."""
@@ -128,7 +128,7 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     """`RobertaForMaskedLM` with our model's shape and dropout, sdpa attention, fp32 weights."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from roberta_ds.hf_names import hf_config
+    from roberta_ds.hf.names import hf_config
 
     conf = RobertaConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "dtype")})
     conf._attn_implementation = "sdpa"
@@ -276,7 +276,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, seq 64, micro 2, few steps")
     a = p.parse_args()
-    from roberta_ds.ds_config import load_ds_config
+    from roberta_ds.engine.ds_config import load_ds_config
 
     cuda = torch.cuda.is_available() and not a.smoke
     device = torch.device("cuda" if cuda else "cpu")

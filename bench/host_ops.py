@@ -67,7 +67,7 @@ def measure(stage: int, layers: int, accum: int, steps: int, work: Path, ds_sets
         engine = rt.engine
         trainer.train_step()  # warm-up: buffers, first-step setup
         batch = next(trainer.loader)
-        from roberta_ds.model import RobertaMLM
+        from roberta_ds.model.model import RobertaMLM
 
         model = RobertaMLM(rt.cfg.model).to(torch.bfloat16)  # same structure, no DeepSpeed hooks
         model.train()
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(a._stage, a.layers, a.accum, a.steps, work, tuple(a.ds_set))
         print("ROW " + json.dumps(row), flush=True)
         return 0
-    from roberta_ds.quickstart import launcher_env
+    from roberta_ds.quickstart.pipeline import launcher_env
 
     rows = []
     for stage in a.stages:  # one process each: a fresh engine and process group

@@ -70,8 +70,8 @@ def bench_throughput(seconds: float, batch: int, work: Path) -> None:
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
     from roberta_ds.config import DataConfig, DataSource
-    from roberta_ds.data import MicroBatchDataset, open_train_data
-    from roberta_ds.masking import MaskingCollator, MaskSpec
+    from roberta_ds.data.loader import MicroBatchDataset, open_train_data
+    from roberta_ds.data.masking import MaskingCollator, MaskSpec
 
     torch.set_num_threads(1)
     train, tok_dir = build_real_shards(work)
@@ -143,7 +143,7 @@ def open_case(path: str, trace: bool) -> dict:
     import tracemalloc
 
     from roberta_ds.config import DataConfig, DataSource
-    from roberta_ds.data import open_train_data
+    from roberta_ds.data.loader import open_train_data
 
     cfg = DataConfig(train=(DataSource(path),), max_seq_len=512)
     before = _proc_status()["VmRSS"]  # torch, numpy and the package imported
@@ -172,7 +172,7 @@ def bench_open(tokens: int, sentences: int, shards: int, work: Path) -> None:
     if not (path / "manifest.json").is_file():
         totals = write_synthetic_index(path, tokens, sentences, shards)
     else:
-        from roberta_ds.shards import read_manifest
+        from roberta_ds.data.shards import read_manifest
 
         m = read_manifest(path)
         totals = {"tokens": m.tokens, "sentences": m.sequences, "documents": m.documents}

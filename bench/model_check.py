@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from roberta_ds.config import ModelConfig, model_config
-from roberta_ds.masking import unpad_index
-from roberta_ds.model import RobertaMLM
+from roberta_ds.data.masking import unpad_index
+from roberta_ds.model.model import RobertaMLM
 
 SDPA_OPS = {
     "aten::_scaled_dot_product_flash_attention": "flash",

@@ -62,10 +62,10 @@ def start_trainer(c: Case, tok: Path, train: Path, out: Path, workers: int, extr
     """`train.setup()` + `loop.Trainer`, exactly what `roberta-ds train` builds, for one rank."""
     from hf_baseline import free_port_env
 
-    from roberta_ds.faults import Faults
-    from roberta_ds.loop import Trainer
-    from roberta_ds.signals import StopFlag
-    from roberta_ds.train import parse_args, setup
+    from roberta_ds.engine.setup import parse_args, setup
+    from roberta_ds.engine.trainer import Trainer
+    from roberta_ds.launch.faults import Faults
+    from roberta_ds.launch.signals import StopFlag
 
     free_port_env()
     stop = StopFlag()
@@ -75,10 +75,10 @@ def start_trainer(c: Case, tok: Path, train: Path, out: Path, workers: int, extr
 
 def grad_accum_path(optimizer: Any) -> str | None:
     """How DeepSpeed's bf16 ZeRO-0/1 optimizer accumulates fp32 gradients (None for other optimizers):
-    kernels per parameter tensor and micro-batch (roberta_ds/ds_grad_accum.py)."""
+    kernels per parameter tensor and micro-batch (roberta_ds/engine/ds_grad_accum.py)."""
     if type(optimizer).__name__ != "BF16_Optimizer":
         return None
-    from roberta_ds.ds_grad_accum import is_fused
+    from roberta_ds.engine.ds_grad_accum import is_fused
 
     fused = is_fused(optimizer)
     hooked = bool(getattr(optimizer, "immediate_grad_update", False))
@@ -95,7 +95,7 @@ def _float_or_none(x: Any) -> float | None:
 
 
 def close_trainer(trainer: Any) -> None:
-    from roberta_ds.run_lock import release_held
+    from roberta_ds.launch.run_lock import release_held
 
     trainer.loader.close()  # shuts the DataLoader workers down now
     trainer.sink.close()
@@ -145,8 +145,8 @@ def run_ours(c: Case, opts: argparse.Namespace, tok: Path, train: Path) -> dict[
     """The row of an `ours` case: tokens/s (median window), phase shares, syncs, recompiles, memory."""
     from hf_baseline import dynamo_graphs, measure_windows, peak_memory_gib, rate_summary, sync
 
-    from roberta_ds.loop import StepTimes
-    from roberta_ds.metrics import mfu
+    from roberta_ds.engine.metrics import mfu
+    from roberta_ds.engine.trainer import StepTimes
 
     rt, trainer = start_trainer(c, tok, train, opts.work / "runs" / c.name, opts.workers)
     dev, plan, steps = rt.device, rt.plan, steps_for(c, opts)

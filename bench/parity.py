@@ -43,9 +43,9 @@ def reference_run(rt: Any, steps: int) -> tuple[list[float], dict[str, Any], dic
     and layout the case's model uses (so `varlen` + `unpad` are checked against it too)."""
     import torch
 
-    from roberta_ds.data import train_loader
-    from roberta_ds.model import RobertaMLM
-    from roberta_ds.optim import lr_at, param_groups
+    from roberta_ds.data.loader import train_loader
+    from roberta_ds.engine.optim import lr_at, param_groups
+    from roberta_ds.model.model import RobertaMLM
 
     cfg, plan, dev = rt.cfg, rt.plan, rt.device
     state = torch.random.get_rng_state()

@@ -199,7 +199,7 @@ def main() -> None:
             once = corpus if args.corpus else make_corpus(tmp_path / "once", 0.0, text_dir=args.text_dir)
             tokenizer = train_tokenizer(once, tmp_path / "tok", vocab_size=args.vocab_size).parent
         from data_tools.text_input import ReadStats, iter_documents
-        from roberta_ds.tokenizer import load_tokenizer_info
+        from roberta_ds.data.tokenizer import load_tokenizer_info
 
         stats = ReadStats()
         for _ in iter_documents(corpus, stats=stats):

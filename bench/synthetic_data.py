@@ -4,7 +4,7 @@
     for bench/train_throughput.py (the loss can fall; packing sees realistic sentence lengths);
   - `write_synthetic_index`: a valid `.idx` of any size with sparse `.bin` files (no disk, contents
     all zero), for bench/loader.py's "open a 1B-token corpus" case.
-Both write the manifest last, through roberta_ds.shards, so a half-written set never looks valid.
+Both write the manifest last, through roberta_ds.data.shards, so a half-written set never looks valid.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def write_tokenizer(out: Path, vocab_size: int) -> Path:
 def write_shards(out: Path, tokenizer: Path, tokens: int, shards: int = 2, seed: int = 0) -> Path:
     """~`tokens` ids in `shards` shards: sentences of geometric length (mean 30), ~10 per document,
     ids drawn from a Zipf law (exponent 1.1 over a shuffled vocabulary), so the loss can fall."""
-    from roberta_ds.shards import Manifest, ShardWriter, shard_info, token_dtype, write_manifest
-    from roberta_ds.tokenizer import load_tokenizer_info
+    from roberta_ds.data.shards import Manifest, ShardWriter, shard_info, token_dtype, write_manifest
+    from roberta_ds.data.tokenizer import load_tokenizer_info
 
     info = load_tokenizer_info(tokenizer)
     v = info.vocab_size
@@ -94,7 +94,7 @@ def prepare_data(work: Path, vocab_size: int, tokens: int) -> tuple[Path, Path]:
 
 def write_synthetic_index(out: Path, tokens: int, sentences: int, shards: int, seed: int = 0) -> dict:
     """A valid shard set of the given size with sparse .bin files; returns its totals."""
-    from roberta_ds.shards import (
+    from roberta_ds.data.shards import (
         Manifest,
         ShardInfo,
         bin_path,

@@ -69,7 +69,7 @@ def run_case(c: Case, opts: argparse.Namespace) -> dict[str, Any]:
     from hf_baseline import run_hf
 
     from roberta_ds.config import model_config
-    from roberta_ds.ds_config import load_ds_config
+    from roberta_ds.engine.ds_config import load_ds_config
 
     tok, train = opts.work / "tokenizer", opts.work / "shards" / "train"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -88,7 +88,7 @@ def run_case(c: Case, opts: argparse.Namespace) -> dict[str, Any]:
     elif c.impl == "parity":
         row = run_parity(c, opts, tok, train)
     else:
-        from roberta_ds.tokenizer import load_tokenizer_info
+        from roberta_ds.data.tokenizer import load_tokenizer_info
 
         cfg = model_config(c.model, vocab_size=load_tokenizer_info(tok).vocab_size, **dict(c.overrides))
         ds = load_ds_config(

@@ -45,22 +45,22 @@ import numpy as np
 
 from data_tools.encode import Part, encode_documents, token_byte_lengths
 from data_tools.text_input import ReadStats, iter_documents_utf8, resolve_inputs
-from roberta_ds.errors import UserError
-from roberta_ds.shards import (
+from roberta_ds.data.shards import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
     ShardReader,
     ShardWriter,
-    atomic_write_bytes,
     idx_path,
     open_shards,
     shard_info,
     token_dtype,
     write_manifest,
 )
-from roberta_ds.tokenizer import TokenizerInfo, load_tokenizer_info
-from roberta_ds.unigram import with_token_stats
+from roberta_ds.data.tokenizer import TokenizerInfo, load_tokenizer_info
+from roberta_ds.data.unigram import with_token_stats
+from roberta_ds.durable import atomic_write_bytes
+from roberta_ds.errors import UserError
 
 DEFAULT_SHARD_TOKENS = 1 << 27
 """134M tokens: a 256 MiB .bin with uint16 ids."""

@@ -45,19 +45,20 @@ from data_tools.build_shards import (
     NoDocumentsError,
     SplitWriter,
     already_complete,
+    build_settings,
+    build_shards,
     prepare_output,
     set_summary,
     split_manifest,
-    build_settings,
-    build_shards,
     usable_cores,
 )
 from data_tools.encode import Part
 from data_tools.text_input import ReadStats, iter_documents_utf8, resolve_inputs
+from roberta_ds.data.shards import Manifest, open_shards, token_dtype, write_manifest
+from roberta_ds.data.tokenizer import load_tokenizer_info
+from roberta_ds.data.unigram import with_token_stats
+from roberta_ds.durable import atomic_write_bytes
 from roberta_ds.errors import UserError
-from roberta_ds.shards import Manifest, atomic_write_bytes, open_shards, token_dtype, write_manifest
-from roberta_ds.tokenizer import load_tokenizer_info
-from roberta_ds.unigram import with_token_stats
 
 PARTS_DIR = ".parts"
 DONE_NAME = "done.json"

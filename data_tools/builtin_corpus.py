@@ -22,13 +22,13 @@ import io
 import json
 import os
 import sys
-import tokenize
 import sysconfig
+import tokenize
 import warnings
 from collections import deque
 from pathlib import Path
 
-from roberta_ds.shards import atomic_write_bytes
+from roberta_ds.durable import atomic_write_bytes
 
 NUM_FILES = 4
 """Several files so the multi-file and multi-worker paths of build_shards run on it."""

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_tools.text_input import split_sequences
+from roberta_ds.data.shards import checked_cast
 from roberta_ds.errors import UserError
-from roberta_ds.shards import checked_cast
 
 Part = tuple[np.ndarray, np.ndarray, np.ndarray]
 """(tokens (T,), sequence lengths (S,), sequences per document (D,)) of some whole documents."""

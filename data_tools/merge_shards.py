@@ -19,19 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_tools.build_shards import shard_name
-from roberta_ds.errors import UserError
-from roberta_ds.shards import (
+from roberta_ds.data.shards import (
     MANIFEST_NAME,
     Manifest,
     ShardFormatError,
     ShardInfo,
     bin_path,
-    fsync_dir,
     idx_path,
     open_shards,
     write_manifest,
 )
-from roberta_ds.unigram import with_token_stats
+from roberta_ds.data.unigram import with_token_stats
+from roberta_ds.durable import fsync_dir
+from roberta_ds.errors import UserError
 
 
 def _copy_checked(src: Path, dst: Path, size: int, sha256: str) -> None:

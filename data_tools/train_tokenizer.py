@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_tools.text_input import ReadStats, iter_documents, resolve_inputs
+from roberta_ds.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer_info, special_ids_of
+from roberta_ds.durable import atomic_write_bytes
 from roberta_ds.errors import UserError
-from roberta_ds.hf_tokenizer import roberta_config_files
-from roberta_ds.shards import atomic_write_bytes
-from roberta_ds.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, load_tokenizer_info, special_ids_of
+from roberta_ds.hf.tokenizer import roberta_config_files
 
 MIN_VOCAB = 512
 """256 byte symbols + 5 specials leave too little room for merges below this."""

@@ -13,7 +13,7 @@ import sys
 from roberta_ds.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("roberta_ds.quickstart:main", "the whole pipeline on the built-in corpus"),
+    "quickstart": ("roberta_ds.quickstart.pipeline:main", "the whole pipeline on the built-in corpus"),
     "tokenizer": ("data_tools.train_tokenizer:main", "train a byte-level BPE tokenizer (or adopt a tokenizer.json)"),
     "build-shards": ("data_tools.build_shards:main", "tokenize text/JSONL/gz into .bin/.idx shards + manifest"),
     "inspect": ("data_tools.inspect_shards:inspect_main", "counts, length histogram, decode sequence i"),
@@ -22,9 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-shards-parallel": ("data_tools.build_shards_parallel:main",
                               "one task of an N-way build-shards (a SLURM array), or their merge"),
     "train": ("roberta_ds.train:main", "pretrain under DeepSpeed (run it through a launcher)"),
-    "export-hf": ("roberta_ds.convert_hf:export_main", "checkpoint -> Hugging Face RobertaForMaskedLM"),
-    "import-hf": ("roberta_ds.convert_hf:import_main", "Hugging Face RoBERTa -> our state dict"),
-    "plan": ("roberta_ds.plan:main", "memory, micro batch and time plan for a cluster job"),
+    "export-hf": ("roberta_ds.hf.convert:export_main", "checkpoint -> Hugging Face RobertaForMaskedLM"),
+    "import-hf": ("roberta_ds.hf.convert:import_main", "Hugging Face RoBERTa -> our state dict"),
+    "plan": ("roberta_ds.plan.cli:main", "memory, micro batch and time plan for a cluster job"),
 }
 
 

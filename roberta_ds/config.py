@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,11 @@ class ModelConfig:
     """"sdpa" (SDPA with a key-padding mask), "varlen" (FlashAttention-2 over each row's real tokens
     as one segment, no mask; CUDA bf16/fp16, elsewhere the same segments through SDPA), or "auto":
     varlen where that kernel runs (a CUDA device in bf16/fp16), else sdpa (`resolve_auto`). Same maths
-    at real positions: see roberta_ds/attention.py. Training rows must be right-padded (ours are)."""
+    at real positions: see roberta_ds/model/attention.py. Training rows must be right-padded (ours are)."""
     dropout_rng: str = "torch"
     """Where `dropout`'s masks come from in compiled training: "torch" (nn.Dropout; Philox per element
     under torch.compile) or "hash" (a keyed integer hash of the element index, a fraction of Philox's
-    arithmetic: roberta_ds/hash_dropout.py). Eager runs use nn.Dropout either way."""
+    arithmetic: roberta_ds/model/hash_dropout.py). Eager runs use nn.Dropout either way."""
     unpad: bool | str = "auto"
     """Run the layers on the real tokens only, packed into one sequence (no compute on padding; needs
     attention_kernel "varlen"). The loader supplies the packed index; same loss and
@@ -83,7 +84,7 @@ class ModelConfig:
                  f"must be 'torch' or 'hash', got {self.dropout_rng!r}")
         _require(self.attention_kernel != "triton", "model.attention_kernel",
                  "'triton' was removed: our Triton kernel lost to FlashAttention-2 on an H200 "
-                 "(bench/NOTES.md, stop 17); choose 'varlen' (or 'auto')")
+                 "(bench/NOTES.md); choose 'varlen' (or 'auto')")
         _require(
             self.attention_kernel in ATTENTION_KERNELS,
             "model.attention_kernel",
@@ -378,22 +379,23 @@ def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
     return cls(**raw)
 
 
-def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+def train_config_from_dict(raw: dict[str, Any],
+                           vocab_size_of: Callable[[str], int] | None = None) -> TrainConfig:
     """Build a validated TrainConfig from the nested dict of a YAML/JSON file (+ overrides).
 
     Sections: `model` (a `preset` plus any ModelConfig field), `data`, `optim` (defaults from the
-    model preset's recipe), and top-level TrainConfig fields.
+    model preset's recipe), and top-level TrainConfig fields. `vocab_size_of(tokenizer_dir)` gives
+    the tokenizer's vocabulary size, the model's default `vocab_size` (setup passes the tokenizer
+    module's reader: config sits below data/ and does not import it); without it the preset's holds.
     """
     raw = dict(raw)
     section = {name: dict(coerce(raw.pop(name, None) or {}, dict[str, Any], name))
                for name in ("model", "data", "optim")}
     model_raw = section["model"]
     preset = coerce(model_raw.pop("preset", raw.pop("model_preset", "roberta-base")), str, "model.preset")
-    if "vocab_size" not in model_raw and raw.get("tokenizer"):
+    if "vocab_size" not in model_raw and raw.get("tokenizer") and vocab_size_of is not None:
         # The embedding matches the tokenizer unless the config says otherwise (HF export needs no padding).
-        from roberta_ds.tokenizer import load_tokenizer_info
-
-        model_raw["vocab_size"] = load_tokenizer_info(coerce(raw["tokenizer"], str, "tokenizer")).vocab_size
+        model_raw["vocab_size"] = vocab_size_of(coerce(raw["tokenizer"], str, "tokenizer"))
     model = model_config(preset, **model_raw)
     data_raw = section["data"]
     for key in ("train", "valid"):
@@ -408,8 +410,9 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, {**raw, "model": model, "model_preset": preset, "data": data, "optim": optim}, "train")
 
 
-def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML or JSON training config, apply `--set` overrides, validate."""
+def load_train_config(path: str | None, overrides: list[str] = (),
+                      vocab_size_of: Callable[[str], int] | None = None) -> TrainConfig:
+    """Read a YAML or JSON training config, apply `--set` overrides, validate (see train_config_from_dict)."""
     raw: dict[str, Any] = {}
     if path:
         p = Path(path)
@@ -427,7 +430,7 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
             raise ConfigError(f"--config {path}: cannot parse ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping")
-    return train_config_from_dict(apply_overrides(raw, list(overrides)))
+    return train_config_from_dict(apply_overrides(raw, list(overrides)), vocab_size_of)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

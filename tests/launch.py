@@ -6,7 +6,7 @@
 
 Every launch gets a free rendezvous port, its own process group (so a `kill_job` fault or a timeout
 kill reaches the launcher and every rank, and nothing is left behind), and the venv's environment
-(`roberta_ds.quickstart.launcher_env`: venv bin first on PATH, one JIT extension cache, CPU
+(`roberta_ds.quickstart.pipeline.launcher_env`: venv bin first on PATH, one JIT extension cache, CPU
 accelerator without a GPU).
 """
 
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from roberta_ds.quickstart import deepspeed_launcher, launcher_env
+from roberta_ds.quickstart.pipeline import deepspeed_launcher, launcher_env
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIGS = REPO / "ds_configs"

@@ -64,6 +64,8 @@ def main() -> int:
         for p in (new / "run").iterdir():  # keep only what a resume reads
             if p.name != "checkpoints":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for script in (new / "run" / "checkpoints").glob("zero_to_*.py"):  # DeepSpeed's helper scripts
+            script.unlink()
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                 text=True).stdout.strip()
         (new / "MADE_AT").write_text(f"{commit}\n")

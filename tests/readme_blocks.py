@@ -135,7 +135,7 @@ def run_bash(script: str, cwd: Path, env: dict[str, str],
 def user_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """A user's shell after `./scripts/setup.sh`: this venv's bin first on PATH (`roberta-ds`, `python`,
     `deepspeed`, `torchrun`), the checkout importable, DeepSpeed on CPU where there is no GPU."""
-    from roberta_ds.quickstart import launcher_env
+    from roberta_ds.quickstart.pipeline import launcher_env
 
     env = launcher_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from roberta_ds.shards import Manifest, ShardWriter, shard_info, token_dtype, write_manifest
+from roberta_ds.data.shards import Manifest, ShardWriter, shard_info, token_dtype, write_manifest
 
 VOCAB = 1000
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": VOCAB - 1}

@@ -10,12 +10,12 @@ import pytest
 import torch
 from test_model import PAD, V, batch, make_model, mlm_targets
 
-from roberta_ds import attention
-from roberta_ds import model as model_module
 from roberta_ds.config import model_config, resolve_auto
+from roberta_ds.data.masking import check_right_padded, unpad_index
+from roberta_ds.engine.trainer import model_inputs
 from roberta_ds.errors import ConfigError, ShardFormatError
-from roberta_ds.loop import model_inputs
-from roberta_ds.masking import check_right_padded, unpad_index
+from roberta_ds.model import attention
+from roberta_ds.model import model as model_module
 
 
 def test_segment_offsets_alternate_real_and_padding():

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from test_model import PAD, batch, mlm_targets
 
-from roberta_ds import attention
 from roberta_ds.config import model_config
-from roberta_ds.masking import unpad_index
-from roberta_ds.model import RobertaMLM
+from roberta_ds.data.masking import unpad_index
+from roberta_ds.model import attention
+from roberta_ds.model.model import RobertaMLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

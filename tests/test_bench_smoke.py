@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from roberta_ds.quickstart import launcher_env
+from roberta_ds.quickstart.pipeline import launcher_env
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from synthetic_shards import random_corpus
 
-from roberta_ds.blocks import BlockIndex, build_block_index, pack_shard
+from roberta_ds.data.blocks import BlockIndex, build_block_index, pack_shard
+from roberta_ds.data.shards import ShardReader, bin_path, encode_index, idx_path
 from roberta_ds.errors import ShardFormatError
-from roberta_ds.shards import ShardReader, bin_path, encode_index, idx_path
 
 
 def write_raw_shard(prefix, lengths, doc_indices) -> ShardReader:

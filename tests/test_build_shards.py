@@ -19,9 +19,9 @@ from data_tools.build_shards import build_shards, is_valid_document
 from data_tools.encode import encode_documents
 from data_tools.text_input import ReadStats, iter_documents, resolve_inputs, split_sequences
 from roberta_ds import cli
+from roberta_ds.data.shards import open_shards, read_manifest, verify_set
+from roberta_ds.data.tokenizer import decode, load_tokenizer, load_tokenizer_info
 from roberta_ds.errors import ShardFormatError, UserError
-from roberta_ds.shards import open_shards, read_manifest, verify_set
-from roberta_ds.tokenizer import decode, load_tokenizer, load_tokenizer_info
 
 
 def read_all(paths, **kw) -> tuple[list[str], ReadStats]:

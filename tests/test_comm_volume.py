@@ -1,5 +1,5 @@
 """The planner's communication model against what DeepSpeed really sends: 2 CPU ranks (gloo), the real
-engine, DeepSpeed's comms logger, our comms.json (roberta_ds/comm_report.py).
+engine, DeepSpeed's comms logger, our comms.json (roberta_ds/engine/comm_report.py).
 
 One run per ZeRO stage (bf16, fp32 gradient accumulation, tiny model, micro 2 x accumulation 2 x 2
 ranks, 3 steps of which the last 2 are measured). The bytes each rank sends per optimizer step, by
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from launch import run_trainer, tiny_args
 
-from roberta_ds import checkpoint as ckpt
-from roberta_ds import comm_report
+from roberta_ds.checkpoint import commit as ckpt
 from roberta_ds.config import ModelConfig
-from roberta_ds.plan_model import comm_bytes_per_step, param_count
+from roberta_ds.engine import comm_report
+from roberta_ds.plan.model import comm_bytes_per_step, param_count
 
 pytestmark = pytest.mark.slow
 

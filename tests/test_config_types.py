@@ -160,7 +160,7 @@ def test_a_wrong_type_stops_the_trainer_before_any_process_talks(tmp_path: Path)
     the message, no traceback), before discovery, the process group or DeepSpeed."""
     from launch import trainer_command
 
-    from roberta_ds.quickstart import launcher_env
+    from roberta_ds.quickstart.pipeline import launcher_env
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {preset: tiny}\noptim: {lr: abc}\ndata: {train: [data/train]}\n")

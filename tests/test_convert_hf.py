@@ -21,16 +21,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from roberta_ds import cli
+from roberta_ds.checkpoint.read_weights import inspect_layout, load_weights, resolve_tag_dir
 from roberta_ds.config import PRESETS, model_config
-from roberta_ds.convert_hf import (
-    TOKENIZER_FILES, export_hf, from_hf, hf_config, import_hf, load_pretrained, read_weights,
-    resolve_model_config, to_hf,
-)
-from roberta_ds.ds_checkpoint import inspect_layout, load_weights, resolve_tag_dir
+from roberta_ds.data.shards import tokenizer_fingerprint
 from roberta_ds.errors import CheckpointError, ConfigError, UserError
-from roberta_ds.hf_parity import ParityError, check_hf_dir
-from roberta_ds.model import RobertaMLM
-from roberta_ds.shards import tokenizer_fingerprint
+from roberta_ds.hf.convert import (
+    TOKENIZER_FILES,
+    export_hf,
+    from_hf,
+    hf_config,
+    import_hf,
+    load_pretrained,
+    read_weights,
+    resolve_model_config,
+    to_hf,
+)
+from roberta_ds.hf.parity import ParityError, check_hf_dir
+from roberta_ds.model.model import RobertaMLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +52,7 @@ def tokenizer_dir(small_tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def vocab_size(tokenizer_dir) -> int:
-    from roberta_ds.tokenizer import load_tokenizer_info
+    from roberta_ds.data.tokenizer import load_tokenizer_info
 
     return load_tokenizer_info(tokenizer_dir).vocab_size
 

@@ -13,10 +13,10 @@ import torch
 from synthetic_shards import SPECIALS, random_corpus, write_set
 
 from roberta_ds.config import DataConfig, DataSource
-from roberta_ds.data import open_train_data, train_loader, valid_batches
+from roberta_ds.data.loader import open_train_data, train_loader, valid_batches
+from roberta_ds.data.masking import IGNORE_INDEX, mask_slots
+from roberta_ds.data.shards import ShardReader
 from roberta_ds.errors import ConfigError, ShardFormatError
-from roberta_ds.masking import IGNORE_INDEX, mask_slots
-from roberta_ds.shards import ShardReader
 
 T = 48
 
@@ -287,7 +287,7 @@ def test_loader_rejects_bad_arguments(shard_set):
 
 
 def test_descriptor_lru_reopens_safely(shard_set, monkeypatch):
-    import roberta_ds.reading as reading
+    import roberta_ds.data.reading as reading
 
     monkeypatch.setattr(reading, "MAX_OPEN_SHARDS", 1)
     data = open_train_data(cfg_for(shard_set))
@@ -328,8 +328,8 @@ def test_opening_writes_no_cache_file(shard_set):
 
 def test_real_shards_end_to_end(small_shards, small_tokenizer):
     """Built-in corpus shards from the real tokenizer and build-shards, with its word-start table."""
-    from roberta_ds.shards import tokenizer_fingerprint
-    from roberta_ds.tokenizer import word_start_table
+    from roberta_ds.data.shards import tokenizer_fingerprint
+    from roberta_ds.data.tokenizer import word_start_table
 
     train, valid = DataSource(str(small_shards / "train")), DataSource(str(small_shards / "valid"))
     cfg = DataConfig(train=(train,), valid=(valid,), max_seq_len=128, num_workers=2, whole_word_mask=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from roberta_ds import dist
-from roberta_ds.dist import DistEnv, check_world, discover, expected_world_size, export_env
 from roberta_ds.errors import ConfigError
+from roberta_ds.launch import dist
+from roberta_ds.launch.dist import DistEnv, check_world, discover, expected_world_size, export_env
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = REPO / "tests" / "ds_scripts" / "dist_probe.py"

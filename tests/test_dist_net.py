@@ -1,4 +1,4 @@
-"""The rendezvous network checks (roberta_ds.dist_net) on made-up hosts, and the real port check.
+"""The rendezvous network checks (roberta_ds.launch.net) on made-up hosts, and the real port check.
 
 The made-up hosts are what `tests/cluster/node.sh` builds for real (test_slurm_multinode.py runs
 these checks there, in the templates' preflight and in the trainer): a node `n2` with eth0
@@ -12,16 +12,16 @@ import socket
 
 import pytest
 
-from roberta_ds import dist_net
-from roberta_ds.dist import DistEnv
-from roberta_ds.dist_net import (
+from roberta_ds.errors import ConfigError
+from roberta_ds.launch import net as dist_net
+from roberta_ds.launch.dist import DistEnv
+from roberta_ds.launch.net import (
     Interface,
     Probe,
     check_network,
     check_rendezvous_network,
     check_rendezvous_port,
 )
-from roberta_ds.errors import ConfigError
 
 IFACES = [
     Interface("lo", "127.0.0.1", True),

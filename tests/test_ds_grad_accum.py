@@ -1,4 +1,4 @@
-"""The one-kernel fp32 gradient accumulation (roberta_ds/ds_grad_accum.py) on DeepSpeed's real
+"""The one-kernel fp32 gradient accumulation (roberta_ds/engine/ds_grad_accum.py) on DeepSpeed's real
 BF16_Optimizer (bf16, ZeRO-1, CPU, gloo, one rank; tests/ds_scripts/grad_accum_check.py in its own
 process): the same bits as DeepSpeed's own two-kernel path, through the micro-batch buffers, the
 clipped steps and the master weights, with and without `bf16.immediate_grad_update`; one cast per

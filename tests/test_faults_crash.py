@@ -26,13 +26,25 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ds_scripts.fault_jobs import (
+    VALUE_FAULTS,
+    assert_bitwise_equal_states,
+    assert_losses_match,
+    copy_run,
+    fault_args,
+    launch_job,
+    plan_here,
+    reference_run,
+    resumed_from,
+    tag_dir,
+    took_over,
+    wait_until_lock_is_stale,
+)
 
-from ds_scripts.fault_jobs import (VALUE_FAULTS, assert_bitwise_equal_states, assert_losses_match, copy_run,
-                                   fault_args, launch_job, plan_here, reference_run, resumed_from, tag_dir,
-                                   took_over, wait_until_lock_is_stale)
-from roberta_ds import checkpoint as ckpt
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.checkpoint.resume import plan_resume
+from roberta_ds.comm import Comm
 from roberta_ds.errors import CheckpointError
-from roberta_ds.resume import plan_resume
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +228,7 @@ def test_resuming_an_older_checkpoint_supersedes_newer_ones(tmp_path):
         _fake_commit(d, s)
     (d / "latest").write_text("step_00000006")
     logs: list[str] = []
-    point = plan_resume(d, str(d / "step_00000002"), False, ckpt.Comm.single(), zero_stage=2,
+    point = plan_resume(d, str(d / "step_00000002"), False, Comm.single(), zero_stage=2,
                         check=lambda c: None, log=logs.append)
     assert point.chosen.tag == "step_00000002"
     assert _tags(d) == [2] and ckpt.read_pointer(d) == "step_00000002"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ds_scripts.fault_jobs import copy_run, fault_args, launch_job, reference_run
-from roberta_ds import checkpoint as ckpt
-from roberta_ds.shards import read_manifest
+
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.data.shards import read_manifest
 
 pytestmark = pytest.mark.slow
 

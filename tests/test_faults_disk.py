@@ -18,9 +18,9 @@ import os
 import subprocess
 
 import pytest
-
 from ds_scripts.fault_jobs import fault_args, launch_job, reference_run, tag_dir
-from roberta_ds import checkpoint as ckpt
+
+from roberta_ds.checkpoint import commit as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def small_disk(tmp_path_factory, small_tokenizer, small_shards, tmp_path):
 
 def test_disk_full_during_save_fails_loudly_and_keeps_the_previous_checkpoint(small_tokenizer, small_shards,
                                                                                small_disk):
-    from roberta_ds.ds_checkpoint import load_weights
+    from roberta_ds.checkpoint.read_weights import load_weights
 
     out = small_disk / "run"
     ckpts = out / "checkpoints"

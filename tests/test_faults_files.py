@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ds_scripts.fault_jobs import copy_run, plan_here, reference_run, tag_dir
-from roberta_ds import checkpoint as ckpt
+
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.durable import _safe_globals, file_sha256
 from roberta_ds.errors import CheckpointError, UserError
-from roberta_ds.shards import file_sha256
 
 pytestmark = pytest.mark.slow  # the shared reference run is a launch
 
@@ -54,7 +54,7 @@ def reference(tmp_path_factory, small_tokenizer, small_shards):
 
 def _poison_model_states(path: Path, marker: Path) -> None:
     """Rewrite a real model-states file with the payload added as client state (as torch.save would)."""
-    with torch.serialization.safe_globals(ckpt._safe_globals()):
+    with torch.serialization.safe_globals(_safe_globals()):
         state = torch.load(path, map_location="cpu", weights_only=True)
     state["my_client_state"] = {"note": RunsCode(marker)}
     torch.save(state, path)
@@ -118,8 +118,8 @@ def test_tampered_universal_conversion_is_converted_again(reference, tmp_path):
 
 
 def test_export_and_import_refuse_code_running_pickles(reference, small_tokenizer, tmp_path):
-    from roberta_ds.convert_hf import export_main
-    from roberta_ds.weights_io import read_weights
+    from roberta_ds.hf.convert import export_main
+    from roberta_ds.hf.weights import read_weights
 
     run = copy_run(reference.out_dir, tmp_path / "run")
     marker = tmp_path / "PWNED"
@@ -139,7 +139,7 @@ def test_export_and_import_refuse_code_running_pickles(reference, small_tokenize
 
 
 def test_hf_export_holds_no_pickle(reference, small_tokenizer, tmp_path):
-    from roberta_ds.convert_hf import export_main
+    from roberta_ds.hf.convert import export_main
 
     out = tmp_path / "hf"
     export_main(["--checkpoint", str(reference.out_dir / "checkpoints"), "--tokenizer", str(small_tokenizer),

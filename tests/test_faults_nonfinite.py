@@ -21,11 +21,17 @@ from __future__ import annotations
 import math
 
 import pytest
+from ds_scripts.fault_jobs import (
+    assert_bitwise_equal_states,
+    fault_args,
+    launch_job,
+    reference_run,
+    state_tensors,
+    tag_dir,
+)
 
-from ds_scripts.fault_jobs import (assert_bitwise_equal_states, fault_args, launch_job, reference_run,
-                                   state_tensors, tag_dir)
-from roberta_ds import checkpoint as ckpt
-from roberta_ds.loop import EXIT_TOO_MANY_SKIPS
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.engine.trainer import EXIT_TOO_MANY_SKIPS
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,6 @@ Cost: 3 launches (one of them ~60 s: timeout + the launcher's 30 s grace), plus 
 from __future__ import annotations
 
 import pytest
-
 from ds_scripts.fault_jobs import TIMEOUT_S, fault_args, launch_job
 
 pytestmark = pytest.mark.slow
@@ -62,7 +61,7 @@ def test_exception_on_one_rank_ends_the_job_promptly(small_tokenizer, small_shar
                      faults="raise@step:step=2,rank=1")
     print(f"job ended {job.seconds:.1f}s after its start")
     assert job.returncode not in (None, 0), job.tail()
-    assert "roberta_ds.faults.InjectedFault: injected exception at step (step 2)" in job.output, job.tail()
+    assert "roberta_ds.launch.faults.InjectedFault: injected exception at step (step 2)" in job.output, job.tail()
     # Rank 0 did not sit out the timeout: its collective broke when rank 1 exited, and it reports why.
     line = next((x for x in job.output.splitlines() if "[roberta-ds] rank 0: collective failed" in x), "")
     failure = "rank 1 failed: fatal error: InjectedFault: injected exception at step (step 2)"
@@ -82,14 +81,14 @@ def test_exception_on_one_rank_ends_the_job_promptly(small_tokenizer, small_shar
 ])
 def test_fault_spec_errors(spec, error):
     from roberta_ds.errors import ConfigError
-    from roberta_ds.faults import parse
+    from roberta_ds.launch.faults import parse
 
     with pytest.raises(ConfigError, match=error):
         parse(spec)
 
 
 def test_fault_spec_filters_and_value_actions():
-    from roberta_ds.faults import Faults
+    from roberta_ds.launch.faults import Faults
 
     f = Faults("nan@loss:step=2,rank=1; inf@grad:step=3,times=2; unlink=/x/y.bin@step:step=9", rank=1)
     assert [(x.action, x.point, x.arg, x.step, x.rank, x.times) for x in f.faults] == [
@@ -102,7 +101,7 @@ def test_fault_spec_filters_and_value_actions():
 
 
 def test_diagnosis_names_who_is_behind_silent_or_failed():
-    from roberta_ds.watchdog import describe
+    from roberta_ds.launch.watchdog import describe
 
     seen = {0: (12, "step 3 optimizer step"), 1: (9, "step 2 save (interval)"),
             2: (12, "step 3 optimizer step")}
@@ -116,7 +115,7 @@ def test_diagnosis_names_who_is_behind_silent_or_failed():
 
 
 def test_diagnosis_names_the_host_of_each_rank_across_nodes():
-    from roberta_ds.watchdog import describe
+    from roberta_ds.launch.watchdog import describe
 
     seen = {0: (12, "step 7 micro-batch 0"), 1: (12, "step 7 micro-batch 0"),
             2: (9, "step 6 optimizer step"), 3: (9, "step 6 optimizer step")}
@@ -132,7 +131,7 @@ def test_diagnosis_names_the_host_of_each_rank_across_nodes():
 def test_collective_failure_is_found_behind_a_later_error():
     """The launcher's SIGTERM kills our DataLoader worker while a broken collective unwinds; torch then
     raises "DataLoader worker ... killed" during its handling: the collective failure must still be seen."""
-    from roberta_ds.watchdog import collective_failure_in
+    from roberta_ds.launch.watchdog import collective_failure_in
 
     broken = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
     try:

@@ -19,11 +19,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from ds_scripts.fault_jobs import (
+    VALUE_FAULTS,
+    assert_bitwise_equal_states,
+    assert_losses_match,
+    fault_args,
+    launch_job,
+    reference_run,
+    resumed_from,
+    tag_dir,
+)
 
-from ds_scripts.fault_jobs import (VALUE_FAULTS, assert_bitwise_equal_states, assert_losses_match,
-                                   fault_args, launch_job, reference_run, resumed_from, tag_dir)
-from roberta_ds import checkpoint as ckpt
-from roberta_ds.loop import REQUEUE_EXIT_CODE
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.engine.trainer import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`model.dropout_rng: hash` (roberta_ds/hash_dropout.py): the hash itself, the keep rate, pairwise
+"""`model.dropout_rng: hash` (roberta_ds/model/hash_dropout.py): the hash itself, the keep rate, pairwise
 independence (neighbours, rows, successive keys), unbiased scaling, replay from a restored RNG state
 under torch.compile, and the eager fallback to nn.Dropout."""
 
@@ -12,8 +12,8 @@ from test_model import V, batch, mlm_targets
 
 from roberta_ds.config import model_config
 from roberta_ds.errors import ConfigError
-from roberta_ds.hash_dropout import HashDropout, hash_dropout, keep_mask, mix32
-from roberta_ds.model import RobertaMLM
+from roberta_ds.model.hash_dropout import HashDropout, hash_dropout, keep_mask, mix32
+from roberta_ds.model.model import RobertaMLM
 
 
 def mix32_reference(h: int) -> int:

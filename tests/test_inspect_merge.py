@@ -14,8 +14,7 @@ import pytest
 
 from data_tools.merge_shards import merge_shard_sets
 from roberta_ds import cli
-from roberta_ds.errors import UserError
-from roberta_ds.shards import (
+from roberta_ds.data.shards import (
     Manifest,
     ShardInfo,
     bin_path,
@@ -26,7 +25,8 @@ from roberta_ds.shards import (
     verify_set,
     write_manifest,
 )
-from roberta_ds.tokenizer import load_tokenizer
+from roberta_ds.data.tokenizer import load_tokenizer
+from roberta_ds.errors import UserError
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from roberta_ds.config import DataConfig
+from roberta_ds.data.masking import IGNORE_INDEX, MaskingCollator, MaskSpec, mask_batch, mask_slots
 from roberta_ds.errors import ConfigError
-from roberta_ds.masking import IGNORE_INDEX, MaskingCollator, MaskSpec, mask_batch, mask_slots
 
 V = 30000
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}

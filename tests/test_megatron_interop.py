@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from roberta_ds.shards import ShardReader, ShardWriter, bin_path, idx_path, open_shards, verify_shard
+from roberta_ds.data.shards import ShardReader, ShardWriter, bin_path, idx_path, open_shards, verify_shard
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from roberta_ds.config import PRESETS, model_config
 from roberta_ds.errors import ConfigError
-from roberta_ds.model import IGNORE_INDEX, RobertaMLM, position_ids
+from roberta_ds.model.model import IGNORE_INDEX, RobertaMLM, position_ids
 
 V = 120
 PAD = 1
@@ -216,7 +216,7 @@ def test_too_long_input_is_refused():
 @pytest.mark.parametrize("preset", ["roberta-base", "roberta-large"])
 def test_presets_match_hf_parameter_count(preset):
     transformers = pytest.importorskip("transformers")
-    from roberta_ds.hf_names import hf_config
+    from roberta_ds.hf.names import hf_config
 
     cfg = PRESETS[preset]
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""The planner (roberta_ds.plan) against hand-computed numbers, the ZeRO paper and the RoBERTa paper."""
+"""The planner (roberta_ds.plan.cli) against hand-computed numbers, the ZeRO paper and the RoBERTa paper."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from roberta_ds import plan
 from roberta_ds.config import PRESETS
 from roberta_ds.errors import ConfigError
-from roberta_ds.plan import GiB, PlanInputs, make_plan
+from roberta_ds.plan import cli as plan
+from roberta_ds.plan.cli import GiB, PlanInputs, make_plan
 
 BASE, LARGE = PRESETS["roberta-base"], PRESETS["roberta-large"]
 

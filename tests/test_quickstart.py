@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from launch import REPO, kill_group
 
-from roberta_ds.quickstart import launcher_env
-from roberta_ds.shards import ShardReader, read_manifest
+from roberta_ds.data.shards import ShardReader, read_manifest
+from roberta_ds.quickstart.pipeline import launcher_env
 
 pytestmark = pytest.mark.slow
 

@@ -9,20 +9,21 @@ import pytest
 import torch
 
 from roberta_ds.config import train_config_from_dict
+from roberta_ds.data.shards import ShardReader, read_manifest
+from roberta_ds.data.tokenizer import tokenizer_vocab_size
+from roberta_ds.engine.metrics import console_line
 from roberta_ds.errors import ConfigError, UserError
-from roberta_ds.metrics import console_line
-from roberta_ds.model import RobertaMLM
-from roberta_ds.quickstart_fill import Example, _whole_words, format_example, validation_examples
-from roberta_ds.quickstart_report import read_result, summary_lines, verdict
-from roberta_ds.quickstart_settings import MAX_EVAL_TOKENS, QuickstartSettings
-from roberta_ds.shards import ShardReader, read_manifest
+from roberta_ds.model.model import RobertaMLM
+from roberta_ds.quickstart.fill import Example, _whole_words, format_example, validation_examples
+from roberta_ds.quickstart.report import read_result, summary_lines, verdict
+from roberta_ds.quickstart.settings import MAX_EVAL_TOKENS, QuickstartSettings
 
 
 def test_settings_make_a_valid_train_config_whose_model_they_describe(small_tokenizer: Path, tmp_path: Path) -> None:
     s = QuickstartSettings()
     raw = s.train_config(shards=tmp_path / "shards", tokenizer=small_tokenizer, run_dir=tmp_path / "run",
                          valid_blocks=1000, ranks=2)
-    cfg = train_config_from_dict(raw)
+    cfg = train_config_from_dict(raw, vocab_size_of=tokenizer_vocab_size)
     assert (cfg.data.max_seq_len, cfg.model.max_seq_len, cfg.model.hidden_size) == (32, 32, 128)
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.total_steps, cfg.model.dropout) == (3e-3, 60, 1000, 0.0)
     assert cfg.eval_batches == 8  # 1,000 blocks in 128-row global batches: the whole split

@@ -259,7 +259,7 @@ def test_training_commands(trained_workdir) -> None:
 
 @pytest.mark.slow
 def test_export_and_import_commands(trained_workdir) -> None:
-    from roberta_ds.convert_hf import load_pretrained
+    from roberta_ds.hf.convert import load_pretrained
 
     work, _ = trained_workdir
     script = scaled(readme_block("hf-export-import").text, [("--hf-dir roberta-base/", "--hf-dir hf/")])
@@ -273,7 +273,7 @@ def test_export_and_import_commands(trained_workdir) -> None:
 
 def test_mfu_formula_is_what_the_trainer_computes() -> None:
     from roberta_ds.config import PRESETS
-    from roberta_ds.metrics import flops_per_token, mfu
+    from roberta_ds.engine.metrics import flops_per_token, mfu
 
     text = readme_block("mfu-formula").lines()[0]
     flops_expr, mfu_expr = (part.split("=", 1)[1] for part in re.split(r"\s{3,}", text))

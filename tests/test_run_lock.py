@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from roberta_ds.run_lock import (
+from roberta_ds.launch.run_lock import (
     LOCK_NAME,
     Holder,
     RunLock,
@@ -110,7 +110,7 @@ def test_heartbeat_advances_and_a_takeover_stops_the_old_holder(tmp_path: Path) 
 HOLDER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from roberta_ds.run_lock import RunLock
+from roberta_ds.launch.run_lock import RunLock
 lock = RunLock.acquire(Path(sys.argv[1]), 1.0)
 lock.start_heartbeat(on_lost=print)
 print("held", flush=True)

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from launch import REPO, kill_group, run_trainer, tiny_args, trainer_command
 
-from roberta_ds import checkpoint as ckpt
-from roberta_ds.quickstart import launcher_env
-from roberta_ds.run_lock import LOCK_NAME, read_holder
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.launch.run_lock import LOCK_NAME, read_holder
+from roberta_ds.quickstart.pipeline import launcher_env
 
 pytestmark = pytest.mark.slow
 

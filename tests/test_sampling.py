@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from roberta_ds.sampling import Blend, hash64, micro_batch_indices, mix64, permute, uniform
+from roberta_ds.data.sampling import Blend, hash64, micro_batch_indices, mix64, permute, uniform
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1023, 4097])

@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from roberta_ds.errors import ShardFormatError
-from roberta_ds.shards import (
+from roberta_ds.data.shards import (
     MAGIC,
     Manifest,
     ShardReader,
     ShardWriter,
-    atomic_write_bytes,
     bin_path,
     check_tokenizer,
     encode_index,
@@ -31,6 +29,8 @@ from roberta_ds.shards import (
     verify_shard,
     write_manifest,
 )
+from roberta_ds.durable import atomic_write_bytes
+from roberta_ds.errors import ShardFormatError
 
 GOLDEN = Path(__file__).parent / "golden"
 # The golden shards: documents of sentences. tiny_int32 holds ids that only int32 can carry.
@@ -350,7 +350,7 @@ def test_checks_hold_under_python_O(shard):
     """Validation uses exceptions, not assert: it must still refuse bad files with -O."""
     _patch(idx_path(shard), 0, b"XX")
     code = (
-        "import sys; from roberta_ds.shards import ShardReader\n"
+        "import sys; from roberta_ds.data.shards import ShardReader\n"
         "try:\n    ShardReader(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
     )
     r = subprocess.run([sys.executable, "-O", "-c", code, str(shard)], capture_output=True, text=True)

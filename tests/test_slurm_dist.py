@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cluster.slurm import REPO, SlurmCluster, clean_env, slurm  # noqa: F401  (slurm: session fixture)
 
-from roberta_ds import dist
+from roberta_ds.launch import dist
 
 pytestmark = pytest.mark.slurm
 

@@ -35,8 +35,8 @@ from cluster.slurm import MultiNodeCluster, _free_ports, clean_env, slurm_multin
 from readme_blocks import REPO, readme_block, run_bash, scaled
 from test_slurm_templates import SLURM_DIR, VENV, job_env, losses, signal_after_3_steps
 
-from roberta_ds import checkpoint as ckpt
-from roberta_ds.ds_checkpoint import load_weights
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.checkpoint.read_weights import load_weights
 
 pytestmark = pytest.mark.slurm
 

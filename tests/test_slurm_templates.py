@@ -39,9 +39,9 @@ from readme_blocks import make_workdir, readme_block, run_bash, sbatch_shim, sca
 
 from data_tools import build_shards_parallel as bsp
 from data_tools.build_shards import build_shards
-from roberta_ds import dist
-from roberta_ds.dist import DistEnv
 from roberta_ds.errors import UserError
+from roberta_ds.launch import dist
+from roberta_ds.launch.dist import DistEnv
 
 SLURM_DIR = REPO / "slurm"
 TEMPLATES = sorted(SLURM_DIR.glob("*.sbatch"))
@@ -509,7 +509,7 @@ def test_requeued_job_takes_over_its_lock_at_once(slurm, tmp_path, small_tokeniz
     """A job whose rank 0 is killed with kill -9 (a node lost, say) leaves its run lock with a fresh
     heartbeat; requeued, the same job id takes the lock over at once (lock_timeout_s is an hour here),
     resumes and finishes; the lock is gone at the end."""
-    from roberta_ds.run_lock import LOCK_NAME, read_holder
+    from roberta_ds.launch.run_lock import LOCK_NAME, read_holder
 
     gate = tmp_path / "go"
     work = template_workdir(tmp_path, small_tokenizer, small_shards, steps=4, save_interval=2, lock_timeout_s=3600)

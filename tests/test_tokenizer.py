@@ -1,4 +1,4 @@
-"""Tokenizer training/adoption and roberta_ds.tokenizer: HF loading, round trips, special ids, errors."""
+"""Tokenizer training/adoption and roberta_ds.data.tokenizer: HF loading, round trips, special ids, errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from data_tools.text_input import iter_documents, resolve_inputs
 from data_tools.train_tokenizer import adopt_tokenizer, train_tokenizer
 from roberta_ds import cli
+from roberta_ds.data.shards import tokenizer_fingerprint
+from roberta_ds.data.tokenizer import decode, load_tokenizer, load_tokenizer_info, word_start_table
 from roberta_ds.errors import UserError
-from roberta_ds.shards import tokenizer_fingerprint
-from roberta_ds.tokenizer import decode, load_tokenizer, load_tokenizer_info, word_start_table
 
 HF_FILES = {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
 SAMPLE = "Return the value.\nIt is  computed lazily: naïve café, ünïcödé and emoji 😀\tdone."

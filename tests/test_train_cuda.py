@@ -23,7 +23,7 @@ import torch
 from launch import REPO, kill_group, tiny_args
 from test_train_e2e import _tag_dir, _weights, straight_and_resumed
 
-from roberta_ds.quickstart import launcher_env
+from roberta_ds.quickstart.pipeline import launcher_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 from launch import Result, run_trainer, tiny_args
 
-from roberta_ds import checkpoint as ckpt
+from roberta_ds.checkpoint import commit as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def _tag_dir(out: Path, step: int) -> Path:
 
 def _weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 parameters (the master weights) of a committed checkpoint, by our names."""
-    from roberta_ds.ds_checkpoint import load_weights
+    from roberta_ds.checkpoint.read_weights import load_weights
 
     assert (tag_dir / ckpt.META_NAME).is_file(), f"{tag_dir} is not a committed checkpoint"
     return load_weights(tag_dir)
@@ -300,7 +300,7 @@ def test_signal_to_one_rank_saves_once_and_requeues(
     small_tokenizer: Path, small_shards: Path, tmp_path: Path
 ) -> None:
     """SIGTERM to rank 1 during step index 1: both ranks finish the step, commit ONE checkpoint, exit 75."""
-    from roberta_ds.loop import REQUEUE_EXIT_CODE
+    from roberta_ds.engine.trainer import REQUEUE_EXIT_CODE
 
     args = tiny_args(
         small_tokenizer, small_shards, tmp_path / "run", steps=8, extra=["--set", "save_interval=1000"]

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from roberta_ds import checkpoint as ckpt
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.comm import Comm
 from roberta_ds.config import (
     OPTIM_PRESETS,
     OptimConfig,
@@ -37,10 +38,16 @@ from roberta_ds.config import (
     model_config,
     train_config_from_dict,
 )
-from roberta_ds.ds_config import batch_plan, check_precision_runs, load_ds_config, precision, zero_stage
+from roberta_ds.engine.ds_config import (
+    batch_plan,
+    check_precision_runs,
+    load_ds_config,
+    precision,
+    zero_stage,
+)
+from roberta_ds.engine.optim import GuardedAdamW, lr_at, param_groups
 from roberta_ds.errors import CheckpointError, ConfigError
-from roberta_ds.model import RobertaMLM
-from roberta_ds.optim import GuardedAdamW, lr_at, param_groups
+from roberta_ds.model.model import RobertaMLM
 
 REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = REPO / "ds_configs"
@@ -122,7 +129,7 @@ def test_a_finished_run_exits_after_the_exit_handlers_without_finalizing() -> No
         "    def __del__(self):\n"
         "        print('finalized', flush=True)\n"
         "keep = Finalized()\n"
-        "from roberta_ds.train import _exit_after_run\n"
+        "from roberta_ds.engine.setup import _exit_after_run\n"
         "print('done', flush=True)\n"
         "_exit_after_run(3)\n"
     )
@@ -133,7 +140,7 @@ def test_a_finished_run_exits_after_the_exit_handlers_without_finalizing() -> No
 
 
 def test_train_command_requires_tokenizer_and_data() -> None:
-    from roberta_ds.train import parse_args, resolve_config
+    from roberta_ds.engine.setup import parse_args, resolve_config
 
     with pytest.raises(ConfigError, match=r"^tokenizer: not set"):
         resolve_config(parse_args(["--set", "data.train=somewhere"]))
@@ -532,14 +539,14 @@ def test_crashed_save_leaves_staging_that_is_never_chosen(engine: Any, three: Pa
 
 def test_staging_only_directory_starts_fresh_and_is_cleaned(engine: Any, tmp_path: Path) -> None:
     """A first save that never committed: nothing to resume (step 0 is right), and the leftover goes."""
-    from roberta_ds.resume import plan_resume
+    from roberta_ds.checkpoint.resume import plan_resume
 
     d = tmp_path / "checkpoints"
     with pytest.raises(Exception, match="injected crash"):
         _save(engine, d, 1, crash_at="save:before_rename")  # the staged manifest is already written
     assert ckpt.select(d, "auto", fallback=False) == []
     assert (
-        plan_resume(d, "auto", False, ckpt.Comm(), zero_stage=1, check=lambda c: None, log=lambda m: None)
+        plan_resume(d, "auto", False, Comm(), zero_stage=1, check=lambda c: None, log=lambda m: None)
         is None
     )
     assert ".staging-step_00000001" not in _dir_names(d)
@@ -554,14 +561,14 @@ def test_explicit_resume_of_a_staging_directory_is_refused(engine: Any, three: P
 
 def test_crash_before_pointer_resumes_the_commit_and_repairs_the_pointer(engine: Any, three: Path) -> None:
     """The rename is the commit; `latest` (for DeepSpeed's tools) may lag one checkpoint behind it."""
-    from roberta_ds.resume import plan_resume
+    from roberta_ds.checkpoint.resume import plan_resume
 
     with pytest.raises(Exception, match="injected crash"):
         _save(engine, three, 4, crash_at="save:before_pointer")
     assert ckpt.read_pointer(three) == "step_00000003"
     assert _tags(ckpt.select(three, "auto", fallback=False)) == ["step_00000004"]
     point = plan_resume(
-        three, "auto", False, ckpt.Comm(), zero_stage=1, check=lambda c: None, log=lambda m: None
+        three, "auto", False, Comm(), zero_stage=1, check=lambda c: None, log=lambda m: None
     )
     assert point is not None and point.chosen.tag == "step_00000004"
     assert ckpt.read_pointer(three) == "step_00000004"
@@ -680,9 +687,9 @@ def test_missing_pointer_after_the_first_commit_resumes_it(three: Path) -> None:
 
 
 def _choose(candidates: list[ckpt.Committed], fallback: bool, check=lambda c: None) -> ckpt.Committed | None:
-    from roberta_ds.resume import choose
+    from roberta_ds.checkpoint.resume import choose
 
-    return choose(candidates, ckpt.Comm(), fallback, check, log=lambda m: None)
+    return choose(candidates, Comm(), fallback, check, log=lambda m: None)
 
 
 def _largest_pt(tag_dir: Path) -> Path:
@@ -732,7 +739,7 @@ def test_checkpoint_that_would_run_code_is_refused(three: Path) -> None:
 
 
 def _check_against(model: dict[str, Any], tokenizer: str = TOKENIZER_SHA, global_batch: int = GLOBAL_BATCH):
-    from roberta_ds.resume import check_compatible
+    from roberta_ds.checkpoint.resume import check_compatible
 
     return lambda c: check_compatible(
         c.meta, model=model, tokenizer_sha256=tokenizer, global_batch=global_batch, where=c.path
@@ -754,7 +761,7 @@ def _check_against(model: dict[str, Any], tokenizer: str = TOKENIZER_SHA, global
 def test_resume_refuses_other_tokenizer_shape_or_batch(
     three: Path, change: dict[str, Any], message: str
 ) -> None:
-    from roberta_ds.resume import plan_resume
+    from roberta_ds.checkpoint.resume import plan_resume
 
     model = config_to_dict(dataclasses.replace(MODEL, **change.get("model", {})))
     check = _check_against(
@@ -762,17 +769,17 @@ def test_resume_refuses_other_tokenizer_shape_or_batch(
     )
     for fallback in (False, True):  # a mismatch is never "fallen back" from
         with pytest.raises(CheckpointError, match=message):
-            plan_resume(three, "auto", fallback, ckpt.Comm(), zero_stage=1, check=check, log=lambda m: None)
+            plan_resume(three, "auto", fallback, Comm(), zero_stage=1, check=check, log=lambda m: None)
 
 
 def test_resume_plan_same_world_and_allowed_changes(three: Path) -> None:
-    from roberta_ds.resume import plan_resume
+    from roberta_ds.checkpoint.resume import plan_resume
 
     regularised = config_to_dict(
         dataclasses.replace(MODEL, dropout=0.0, attention_dropout=0.0, activation_checkpointing=True)
     )
     point = plan_resume(
-        three, "auto", False, ckpt.Comm(), zero_stage=1, check=_check_against(regularised), log=lambda m: None
+        three, "auto", False, Comm(), zero_stage=1, check=_check_against(regularised), log=lambda m: None
     )
     assert point is not None and not point.universal
     assert (point.chosen.tag, point.load_dir, point.load_tag) == ("step_00000003", three, "step_00000003")
@@ -781,7 +788,7 @@ def test_resume_plan_same_world_and_allowed_changes(three: Path) -> None:
             three,
             "none",
             False,
-            ckpt.Comm(),
+            Comm(),
             zero_stage=1,
             check=_check_against(regularised),
             log=lambda m: None,
@@ -841,7 +848,7 @@ def test_deepspeed_launcher_without_its_script_runs_as_a_module(
     import subprocess
     import sys
 
-    from roberta_ds.quickstart import deepspeed_launcher
+    from roberta_ds.quickstart.pipeline import deepspeed_launcher
 
     real = sys.executable
     assert deepspeed_launcher() == [str(Path(real).parent / "deepspeed")]  # this venv has the script

@@ -1,4 +1,4 @@
-"""Context-free baselines (roberta_ds/unigram.py): the numbers, the manifest field and its compatibility.
+"""Context-free baselines (roberta_ds/data/unigram.py): the numbers, the manifest field and its compatibility.
 
 Checked: the entropy and top-1 share are the exact optimum of a constant predictor on the counted
 tokens, special ids excluded; every tool that writes a manifest stores them and `verify` recounts
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from data_tools.merge_shards import merge_shard_sets
-from roberta_ds.shards import Manifest, ShardFormatError, read_manifest, verify_set, write_manifest
-from roberta_ds.unigram import FIELD, UnigramStats, count_tokens, group_stats, stored_stats
+from roberta_ds.data.shards import Manifest, ShardFormatError, read_manifest, verify_set, write_manifest
+from roberta_ds.data.unigram import FIELD, UnigramStats, count_tokens, group_stats, stored_stats
 
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 
@@ -113,7 +113,7 @@ def test_several_sets_combine_by_union_or_mixture(small_shards: Path) -> None:
 
 def test_counting_split_across_ranks_sums_to_the_whole(small_shards: Path) -> None:
     """group_counts deals shards to ranks; the sum over ranks (what the all-reduce gives) is every count."""
-    from roberta_ds.unigram import group_counts
+    from roberta_ds.data.unigram import group_counts
 
     sets = [str(small_shards / "train"), str(small_shards / "valid")]
     parts = [group_counts(sets, rank, 3, one_process)[1] for rank in range(3)]

@@ -26,8 +26,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors.torch import save_file
 
 from roberta_ds.config import model_config
-from roberta_ds.model import IGNORE_INDEX, RobertaMLM
-from roberta_ds.shards import file_sha256
+from roberta_ds.durable import file_sha256
+from roberta_ds.model.model import IGNORE_INDEX, RobertaMLM
 
 CASES = {
     # name: (ZeRO stage, precision block)
@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = p.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
-    from roberta_ds.runtime import release_shm_buffers
+    from roberta_ds.engine.runtime import release_shm_buffers
 
     release_shm_buffers(dist.get_rank())  # DeepSpeed's CPU comm op never unlinks its /dev/shm buffers
     for name in args.cases:

@@ -22,8 +22,8 @@ import os
 import socket
 import sys
 
-from roberta_ds import dist
 from roberta_ds.errors import ConfigError
+from roberta_ds.launch import dist
 
 
 def emit(line: str) -> None:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        from roberta_ds.runtime import release_shm_buffers
+        from roberta_ds.engine.runtime import release_shm_buffers
 
         release_shm_buffers(env.rank)  # DeepSpeed's CPU comm op never unlinks its /dev/shm buffers
     else:

@@ -29,8 +29,10 @@ import pytest
 import torch
 from launch import Result, free_port, tiny_args, trainer_command
 
-from roberta_ds import checkpoint as ckpt
-from roberta_ds.quickstart import launcher_env
+from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.comm import Comm
+from roberta_ds.durable import _safe_globals
+from roberta_ds.quickstart.pipeline import launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -60,7 +62,7 @@ def fault_args(tokenizer: Path, shards: Path, out: Path, *, steps: int = STEPS, 
 def wait_until_lock_is_stale(out: Path, timeout_s: float = LOCK_TIMEOUT_S):
     """The run.lock a killed job left in `out` (a run_lock.Holder), once its heartbeat is older than
     `timeout_s`, so that the next launch takes it over; None when there is no lock."""
-    from roberta_ds.run_lock import LOCK_NAME, read_holder
+    from roberta_ds.launch.run_lock import LOCK_NAME, read_holder
 
     holder = read_holder(out / LOCK_NAME)
     if holder is not None:
@@ -183,10 +185,10 @@ def copy_run(src: Path, dst: Path) -> Path:
 def plan_here(run: Path, fallback: bool, log: list[str] | None = None, resume: str = "auto"):
     """resume.plan_resume as the trainer calls it, in this one process (world size 1: a checkpoint
     of 2 ranks resumes through a universal conversion)."""
-    from roberta_ds.resume import plan_resume
+    from roberta_ds.checkpoint.resume import plan_resume
 
     logs = log if log is not None else []
-    return plan_resume(run / "checkpoints", resume, fallback, ckpt.Comm.single(), zero_stage=2,
+    return plan_resume(run / "checkpoints", resume, fallback, Comm.single(), zero_stage=2,
                        check=lambda c: None, log=logs.append)
 
 
@@ -226,7 +228,7 @@ def state_tensors(tag: Path) -> dict[str, torch.Tensor]:
             for i, v in enumerate(obj):
                 walk(v, f"{name}[{i}]")
 
-    with torch.serialization.safe_globals(ckpt._safe_globals()):
+    with torch.serialization.safe_globals(_safe_globals()):
         for path in sorted(tag.glob("*.pt")):
             walk(torch.load(path, map_location="cpu", weights_only=True), path.name)
     return out

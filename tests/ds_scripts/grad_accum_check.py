@@ -1,5 +1,5 @@
 """DeepSpeed's real BF16_Optimizer (bf16, ZeRO-1, CPU, gloo, one rank) with and without the one-kernel
-fp32 gradient accumulation of roberta_ds/ds_grad_accum.py, for tests/test_ds_grad_accum.py.
+fp32 gradient accumulation of roberta_ds/engine/ds_grad_accum.py, for tests/test_ds_grad_accum.py.
 
 Its own process: DeepSpeed caches the world group, so engines cannot be built in a pytest process
 whose group another module already made and destroyed. Prints one JSON object (last line):
@@ -18,11 +18,11 @@ import deepspeed
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from roberta_ds import ds_grad_accum
 from roberta_ds.config import model_config
-from roberta_ds.dist import free_port
-from roberta_ds.model import RobertaMLM
-from roberta_ds.optim import GuardedAdamW, param_groups
+from roberta_ds.engine import ds_grad_accum
+from roberta_ds.engine.optim import GuardedAdamW, param_groups
+from roberta_ds.launch.dist import free_port
+from roberta_ds.model.model import RobertaMLM
 
 MODEL = model_config("tiny", vocab_size=512, max_positions=34)
 MICRO, ACCUM, STEPS = 2, 4, 2

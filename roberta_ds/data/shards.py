@@ -1,0 +1,710 @@
+"""THE on-disk token format: memory-mapped `.bin/.idx` shards (Megatron's byte layout) + manifest.
+
+A shard set is a directory holding shards and one `manifest.json`:
+
+    <set>/manifest.json
+    <set>/<name>.bin        tokens
+    <set>/<name>.idx        index
+
+Format spec (version 1; byte-compatible with megatron-core's `IndexedDataset`)
+------------------------------------------------------------------------------
+`.bin` holds the tokens of every sequence back to back, little-endian, in the dtype named by the
+`.idx` header, with no header and no padding. Tokens are `uint16` when the vocabulary has at most
+65,536 ids and `int32` otherwise.
+
+`.idx` is little-endian, S = number of sequences, D = number of document-index entries:
+
+    offset        size   field
+    0             9      magic  b"MMIDIDX\\x00\\x00"
+    9             8      uint64 version = 1
+    17            1      uint8  dtype code (megatron-core's DType: 1 uint8, 2 int8, 3 int16,
+                                4 int32, 5 int64, 6 float64, 7 float32, 8 uint16)
+    18            8      uint64 S
+    26            8      uint64 D
+    34            4 S    int32  sequence lengths, in tokens
+    34 + 4 S      8 S    int64  sequence pointers, byte offsets into .bin
+    34 + 12 S     8 D    int64  document indices
+
+The file is exactly 34 + 12 S + 8 D bytes. Pointers start at 0 and each is the previous one plus
+the previous length times the dtype size; the `.bin` is exactly (last pointer + last length x size)
+bytes. Document indices are 0 followed by, for each document, the index one past its last
+sequence: non-decreasing, ending at S, so D = documents + 1. A sequence is one sentence/line of a
+document; keeping the boundaries lets training pack FULL-SENTENCES or DOC-SENTENCES blocks of any
+length without re-tokenizing.
+
+We write dtype codes 8 (uint16) and 4 (int32) and read every integer code (1-5, 8). Float codes are
+refused (fairseq and megatron disagree on what code 6/7 mean; token shards never need them).
+Two look-alikes are refused by name: fairseq's layout (same magic and version but no document
+count or indices: 26 + 12 S bytes) and megatron-core's multimodal extension (an extra int8 mode per
+sequence: 34 + 13 S + 8 D bytes).
+
+`manifest.json` (written last, atomically: temp name, fsync, rename) describes the set:
+format name and version, tokenizer fingerprint (sha256 of tokenizer.json bytes), vocab size,
+special token ids, token dtype, per-shard sequence/token/document counts, byte sizes and sha256
+checksums, `created_by` (the command, its inputs and settings) and, optionally, `token_stats`: the
+unigram entropy and top-1 share of the set's maskable tokens (roberta_ds/data/unigram.py; `verify`
+recounts them). A directory without a manifest is not a shard set, so a build killed mid-way never
+looks valid.
+
+Compatibility: readers ignore manifest fields they do not know. A field may be added within a
+format version only when a reader that ignores it still reads the set correctly, and a reader must
+not require it (`token_stats` is such a field: sets written before it are counted on the fly);
+anything else (a changed meaning, a required field, another byte layout) bumps FORMAT_VERSION,
+which readers refuse when it is not theirs. megatron-core reads only the `.bin/.idx` pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from roberta_ds.durable import atomic_write_bytes, file_sha256, fsync_dir, read_json_object
+from roberta_ds.errors import ShardFormatError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = 34  # magic 9 + version 8 + dtype 1 + S 8 + D 8
+FORMAT_NAME = "roberta-ds-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# megatron-core's DType enum; pinned here because fairseq uses the same magic with another code 6/7.
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}
+INTEGER_CODES = (1, 2, 3, 4, 5, 8)
+CODE_OF = {dt: code for code, dt in DTYPE_CODES.items()}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65,536), else int32."""
+    if vocab_size <= 0:
+        raise ShardFormatError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def idx_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idx")
+
+
+def bin_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.bin")
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of tokenizer.json's bytes; `path` is the file or a directory containing it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ShardFormatError(f"{p}: tokenizer.json not found (give the tokenizer directory or file)")
+    return file_sha256(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def index_header(sequences: int, document_entries: int, dtype: np.dtype) -> bytes:
+    """The 34 header bytes of a `.idx` file."""
+    return MAGIC + struct.pack("<QBQQ", VERSION, CODE_OF[np.dtype(dtype)], sequences, document_entries)
+
+
+def write_index(
+    f: BinaryIO, lengths: list[np.ndarray], document_indices: list[np.ndarray], dtype: np.dtype
+) -> None:
+    """Stream a `.idx` to `f` from chunks of sequence lengths and of document indices (0 included).
+
+    Chunk by chunk, so closing a shard of millions of sequences needs no whole-index copies.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    f.write(index_header(sum(map(len, lengths)), sum(map(len, document_indices)), dtype))
+    for chunk in lengths:
+        f.write(np.asarray(chunk).astype("<i4").tobytes())
+    offset = 0  # byte offset of the next sequence in the .bin
+    for chunk in lengths:
+        step = np.asarray(chunk, dtype=np.int64) * itemsize
+        pointers = np.cumsum(step) - step + offset  # exclusive prefix sum: where each sequence starts
+        f.write(pointers.astype("<i8").tobytes())
+        offset += int(step.sum())
+    for chunk in document_indices:
+        f.write(np.asarray(chunk).astype("<i8").tobytes())
+
+
+def encode_index(lengths: np.ndarray, document_indices: np.ndarray, dtype: np.dtype) -> bytes:
+    """The exact bytes of a `.idx` file (see the module docstring)."""
+    buf = io.BytesIO()
+    write_index(buf, [np.asarray(lengths)], [np.asarray(document_indices)], dtype)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """What one finished shard holds (the manifest's per-shard entry, minus checksums)."""
+
+    sequences: int
+    tokens: int
+    documents: int
+
+
+def checked_cast(ids: np.ndarray, dtype: np.dtype, where: str | os.PathLike) -> np.ndarray:
+    """`ids` as `dtype`, refusing ids that do not fit (70000 as uint16 would silently read back as 4464)."""
+    ids = np.asarray(ids)
+    dtype = np.dtype(dtype)
+    if ids.dtype == dtype:
+        return ids
+    if ids.dtype.kind not in "iub":
+        raise ShardFormatError(f"{where}: token ids must be integers, got dtype {ids.dtype}")
+    if ids.size:
+        info = np.iinfo(dtype)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < info.min or hi > info.max:
+            bad = hi if hi > info.max else lo
+            raise ShardFormatError(
+                f"{where}: token id {bad} does not fit {dtype} (range {info.min}..{info.max}); "
+                "a vocabulary over 65,536 ids needs int32 shards"
+            )
+    return ids.astype(dtype)
+
+
+class ShardWriter:
+    """Streams sequences into `<prefix>.bin`; `close()` writes the `.idx` and renames both into place.
+
+    Both files are written under temp names (`<prefix>.bin.tmp` ...) and renamed only when complete,
+    `.bin` first, so a visible `.idx` always has its full `.bin`. Use as a context manager: an
+    exception inside the block removes the temp files. Memory: 4 bytes per sequence and 8 per
+    document (the index, streamed out in chunks at close); the tokens go straight to disk.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type) -> None:
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF or CODE_OF[self.dtype] not in INTEGER_CODES:
+            raise ShardFormatError(f"{self.prefix}: token dtype must be an integer type, got {self.dtype}")
+        self._disk_dtype = self.dtype.newbyteorder("<")
+        self._bin_tmp = Path(f"{bin_path(self.prefix)}.tmp")
+        self._idx_tmp = Path(f"{idx_path(self.prefix)}.tmp")
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths: list[np.ndarray] = []  # int32 chunks of sequence lengths
+        self._doc_ends: list[np.ndarray] = [np.zeros(1, np.int64)]  # int64 chunks of document indices
+        self._open_lengths: list[int] = []  # added one at a time since the last flush
+        self._open_doc_ends: list[int] = []
+        self._sequences = 0
+        self._documents = 0
+        self._last_doc_end = 0
+        self._tokens = 0
+        self._closed = False
+
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far."""
+        return self._tokens
+
+    @property
+    def documents(self) -> int:
+        """Documents closed so far."""
+        return self._documents
+
+    def _write_tokens(self, ids: np.ndarray) -> None:
+        self._bin.write(ids.astype(self._disk_dtype, copy=False).tobytes())
+
+    def _flush_open(self) -> None:
+        if self._open_lengths:
+            self._lengths.append(np.asarray(self._open_lengths, dtype=np.int32))
+            self._open_lengths = []
+        if self._open_doc_ends:
+            self._doc_ends.append(np.asarray(self._open_doc_ends, dtype=np.int64))
+            self._open_doc_ends = []
+
+    def add_sequence(self, tokens: np.ndarray | list[int]) -> None:
+        """Append one sequence (a sentence) to the current document."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ShardFormatError(f"{self.prefix}: a sequence must be a non-empty 1-D array of token ids")
+        arr = checked_cast(arr, self.dtype, self.prefix)
+        self._write_tokens(arr)
+        self._open_lengths.append(int(arr.size))
+        self._sequences += 1
+        self._tokens += int(arr.size)
+        if len(self._open_lengths) >= 1 << 16:
+            self._flush_open()
+
+    def end_document(self) -> None:
+        """Close the current document (a no-op for a document with no sequences)."""
+        if self._last_doc_end != self._sequences:
+            self._open_doc_ends.append(self._sequences)
+            self._last_doc_end = self._sequences
+            self._documents += 1
+
+    def add_documents(
+        self, tokens: np.ndarray, sequence_lengths: np.ndarray, document_sequences: np.ndarray
+    ) -> None:
+        """Append whole documents at once (the fast path).
+
+        tokens: (T,) ids of every sequence back to back; sequence_lengths: (S,) summing to T, each
+        > 0; document_sequences: (D,) sequences per document, each > 0, summing to S.
+        """
+        lengths = np.asarray(sequence_lengths, dtype=np.int64)
+        per_doc = np.asarray(document_sequences, dtype=np.int64)
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or lengths.ndim != 1 or per_doc.ndim != 1:
+            raise ShardFormatError(f"{self.prefix}: add_documents takes 1-D arrays")
+        if int(lengths.sum()) != tokens.size or int(per_doc.sum()) != lengths.size:
+            raise ShardFormatError(
+                f"{self.prefix}: {tokens.size} tokens, sequence lengths summing to {int(lengths.sum())} "
+                f"({lengths.size} sequences), documents covering {int(per_doc.sum())} sequences: inconsistent"
+            )
+        if lengths.size and int(lengths.min()) <= 0 or per_doc.size and int(per_doc.min()) <= 0:
+            raise ShardFormatError(f"{self.prefix}: empty sequences or documents cannot be stored")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise ShardFormatError(f"{self.prefix}: a sequence longer than 2**31 tokens cannot be indexed")
+        self.end_document()  # sequences added one at a time before this belong to a finished document
+        self._flush_open()
+        self._write_tokens(checked_cast(tokens, self.dtype, self.prefix))
+        self._lengths.append(lengths.astype(np.int32))
+        self._doc_ends.append(self._sequences + np.cumsum(per_doc))
+        self._sequences += int(lengths.size)
+        self._tokens += int(tokens.size)
+        self._documents += int(per_doc.size)
+        self._last_doc_end = self._sequences
+
+    def close(self) -> ShardStats:
+        if self._closed:
+            raise ShardFormatError(f"{self.prefix}: writer already closed")
+        self.end_document()
+        self._flush_open()
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        with open(self._idx_tmp, "wb") as f:
+            write_index(f, self._lengths, self._doc_ends, self.dtype)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._bin_tmp, bin_path(self.prefix))
+        os.replace(self._idx_tmp, idx_path(self.prefix))
+        fsync_dir(self.prefix.parent)
+        self._closed = True
+        return ShardStats(self._sequences, self._tokens, self._documents)
+
+    def abort(self) -> None:
+        """Drop everything written so far (temp files only; nothing visible was created)."""
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._bin_tmp, self._idx_tmp):
+            p.unlink(missing_ok=True)
+        self._closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class IndexHeader:
+    dtype: np.dtype
+    sequences: int
+    doc_entries: int
+
+
+def read_index_header(path: Path) -> IndexHeader:
+    """Parse and check the header and exact size of an `.idx` file; names what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise ShardFormatError(f"{path}: file not found") from None
+    if len(head) < 9 or head[:9] != MAGIC:
+        if head[:8] == b"TNTIDX\x00\x00":
+            raise ShardFormatError(f"{path}: fairseq/Megatron *lazy* (TNTIDX) index, not an mmap shard")
+        raise ShardFormatError(f"{path}: bad magic {head[:9]!r}, expected {MAGIC!r}: not an .idx shard index")
+    if len(head) < 26:
+        raise ShardFormatError(f"{path}: truncated header ({size} bytes, need {HEADER_BYTES})")
+    (version,) = struct.unpack("<Q", head[9:17])
+    if version != VERSION:
+        raise ShardFormatError(f"{path}: unsupported index version {version} (this reader knows {VERSION})")
+    code = head[17]
+    (seqs,) = struct.unpack("<Q", head[18:26])
+    # fairseq writes the same magic and version but no document count/indices: 26 + 12 S bytes.
+    if size == 26 + 12 * seqs:
+        raise ShardFormatError(
+            f"{path}: fairseq MMapIndexedDataset layout (no document count or document indices); "
+            "re-tokenize the text with `roberta-ds build-shards` (or convert it with Megatron's tools)"
+        )
+    if code not in DTYPE_CODES:
+        raise ShardFormatError(f"{path}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+    if code not in INTEGER_CODES:
+        raise ShardFormatError(
+            f"{path}: dtype code {code} ({DTYPE_CODES[code]}) is not an integer token type; "
+            "token shards use code 8 (uint16) or 4 (int32)"
+        )
+    if len(head) < HEADER_BYTES:
+        raise ShardFormatError(f"{path}: truncated header ({size} bytes, need {HEADER_BYTES})")
+    (docs,) = struct.unpack("<Q", head[26:34])
+    expected = HEADER_BYTES + 12 * seqs + 8 * docs
+    if size == expected + seqs and seqs:
+        raise ShardFormatError(f"{path}: megatron-core multimodal index (sequence modes); not a token shard")
+    if size != expected:
+        raise ShardFormatError(
+            f"{path}: size {size} bytes, but its header ({seqs} sequences, {docs} document entries) "
+            f"needs exactly {expected}: the file is truncated or corrupt"
+        )
+    return IndexHeader(DTYPE_CODES[code], seqs, docs)
+
+
+class ShardReader:
+    """Random access to one shard's sequences through memory maps.
+
+    Opening checks the header, exact `.idx` size and exact `.bin` size (cheap); `verify_shard`
+    does the full check. Pickles as its prefix and reopens lazily, so DataLoader workers each get
+    their own maps.
+    """
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self.prefix = Path(prefix)
+        self._open()
+
+    def _open(self) -> None:
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        header = read_index_header(ipath)
+        self.dtype = header.dtype
+        s, d = header.sequences, header.doc_entries
+        self._idx = np.memmap(ipath, mode="r", dtype=np.uint8)
+        off = HEADER_BYTES
+        self.sequence_lengths = np.frombuffer(self._idx, dtype="<i4", count=s, offset=off)
+        self.sequence_pointers = np.frombuffer(self._idx, dtype="<i8", count=s, offset=off + 4 * s)
+        self.document_indices = np.frombuffer(self._idx, dtype="<i8", count=d, offset=off + 12 * s)
+        expected = (
+            int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if s else 0
+        )
+        try:
+            actual = bpath.stat().st_size
+        except FileNotFoundError:
+            raise ShardFormatError(f"{bpath}: file not found (its index {ipath.name} exists)") from None
+        if actual != expected:
+            raise ShardFormatError(
+                f"{bpath}: size {actual} bytes, but {ipath.name} describes {expected}: "
+                "the .bin is truncated or does not belong to this index"
+            )
+        self._bin = (
+            np.memmap(bpath, mode="r", dtype=self.dtype.newbyteorder("<"))
+            if actual
+            else np.zeros(0, self.dtype)
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"prefix": str(self.prefix)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.prefix = Path(state["prefix"])
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens of the shard as one flat memory-mapped array."""
+        return self._bin
+
+    def token_offsets(self) -> np.ndarray:
+        """Element (not byte) offset of every sequence into `tokens` (int64, length S)."""
+        return self.sequence_pointers // self.dtype.itemsize
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.prefix}: sequence {i} out of range ({n} sequences)")
+        i %= n
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize
+        return self._bin[start : start + int(self.sequence_lengths[i])]
+
+    def document(self, d: int) -> list[np.ndarray]:
+        lo, hi = int(self.document_indices[d]), int(self.document_indices[d + 1])
+        return [self[i] for i in range(lo, hi)]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    sequences: int
+    tokens: int
+    documents: int
+    bin_bytes: int
+    idx_bytes: int
+    bin_sha256: str
+    idx_sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tokenizer_sha256: str
+    vocab_size: int
+    special_ids: dict[str, int]
+    """At least bos, pad, eos, unk, mask."""
+    dtype: str
+    shards: tuple[ShardInfo, ...]
+    created_by: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    token_stats: dict[str, Any] | None = None
+    """Unigram statistics of the maskable tokens (roberta_ds/data/unigram.py); None in sets written before them."""
+
+    @property
+    def sequences(self) -> int:
+        return sum(s.sequences for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        if d["token_stats"] is None:
+            del d["token_stats"]  # written like a manifest from before the field
+        d["totals"] = {"sequences": self.sequences, "tokens": self.tokens, "documents": self.documents}
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+REQUIRED_SPECIALS = ("bos", "pad", "eos", "unk", "mask")
+
+
+def shard_info(prefix: str | os.PathLike, stats: ShardStats | None = None) -> ShardInfo:
+    """Measure a finished shard for the manifest (counts from the index when stats are not given)."""
+    prefix = Path(prefix)
+    if stats is None:
+        r = ShardReader(prefix)
+        stats = ShardStats(len(r), r.num_tokens, r.num_documents)
+    return ShardInfo(
+        name=prefix.name,
+        sequences=stats.sequences,
+        tokens=stats.tokens,
+        documents=stats.documents,
+        bin_bytes=bin_path(prefix).stat().st_size,
+        idx_bytes=idx_path(prefix).stat().st_size,
+        bin_sha256=file_sha256(bin_path(prefix)),
+        idx_sha256=file_sha256(idx_path(prefix)),
+    )
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    """Atomically (temp + fsync + rename) write `<directory>/manifest.json`; call it last."""
+    path = Path(directory) / MANIFEST_NAME
+    atomic_write_bytes(path, manifest.to_json().encode())
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """Load and validate a shard set's manifest; errors name the file and the field."""
+    directory = Path(directory)
+    path = (
+        directory / MANIFEST_NAME if directory.is_dir() or not directory.name.endswith(".json") else directory
+    )
+    if not path.is_file():
+        hint = " (a build that did not finish leaves no manifest; rerun it)" if directory.is_dir() else ""
+        raise ShardFormatError(f"{path}: no manifest; {directory} is not a complete shard set{hint}")
+    raw = read_json_object(path, ShardFormatError, "not valid JSON", "expected a JSON object")
+    if raw.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{path}: field 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{path}: field 'format_version' is {raw.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    try:
+        shards = tuple(ShardInfo(**s) for s in raw["shards"])
+        manifest = Manifest(
+            tokenizer_sha256=str(raw["tokenizer_sha256"]),
+            vocab_size=int(raw["vocab_size"]),
+            special_ids={str(k): int(v) for k, v in raw["special_ids"].items()},
+            dtype=str(raw["dtype"]),
+            shards=shards,
+            created_by=dict(raw.get("created_by", {})),
+            token_stats=raw.get("token_stats"),
+        )
+    except KeyError as e:
+        raise ShardFormatError(f"{path}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ShardFormatError(f"{path}: malformed field ({e})") from None
+    missing = [k for k in REQUIRED_SPECIALS if k not in manifest.special_ids]
+    if missing:
+        raise ShardFormatError(f"{path}: special_ids lacks {missing}")
+    try:
+        dtype = np.dtype(manifest.dtype)
+    except TypeError:
+        raise ShardFormatError(f"{path}: field 'dtype' is {manifest.dtype!r}, not a numpy dtype") from None
+    if dtype != token_dtype(manifest.vocab_size) and dtype != np.int32:
+        raise ShardFormatError(f"{path}: dtype {manifest.dtype} cannot hold vocab_size {manifest.vocab_size}")
+    if manifest.token_stats is not None:
+        from roberta_ds.data.unigram import (
+            UnigramStats,  # its module reads shards: imported here, not at the top
+        )
+
+        UnigramStats.from_manifest(manifest.token_stats, str(path))
+    return manifest
+
+
+def check_tokenizer(manifest: Manifest, fingerprint: str, where: str) -> None:
+    """Refuse a shard set made with another tokenizer than the one in use."""
+    if manifest.tokenizer_sha256 != fingerprint:
+        raise ShardFormatError(
+            f"{where}: made with tokenizer sha256 {manifest.tokenizer_sha256[:12]}..., but the tokenizer "
+            f"given has {fingerprint[:12]}...; re-tokenize the corpus or pass the tokenizer it was built with"
+        )
+
+
+def open_shards(directory: str | os.PathLike) -> tuple[Manifest, list[ShardReader]]:
+    """The manifest and a reader per shard, checking each shard's files against the manifest sizes."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    readers = []
+    for info in manifest.shards:
+        prefix = directory / info.name
+        for p, want in ((bin_path(prefix), info.bin_bytes), (idx_path(prefix), info.idx_bytes)):
+            if not p.is_file():
+                raise ShardFormatError(f"{p}: listed in {directory / MANIFEST_NAME} but missing")
+            if p.stat().st_size != want:
+                raise ShardFormatError(
+                    f"{p}: {p.stat().st_size} bytes, manifest says {want}: truncated or replaced after the build"
+                )
+        readers.append(ShardReader(prefix))
+    return manifest, readers
+
+
+# ----------------------------------------------------------------------------------------------
+# Full verification
+
+
+def verify_shard(
+    prefix: str | os.PathLike, vocab_size: int | None = None, info: ShardInfo | None = None
+) -> ShardStats:
+    """Every structural check on one shard; raises ShardFormatError naming the file and the problem.
+
+    Header and exact sizes, pointers consistent with lengths, document indices (start 0,
+    non-decreasing, end at S), every token id in [0, vocab_size), and checksums against `info`.
+    """
+    prefix = Path(prefix)
+    r = ShardReader(prefix)
+    ipath, bpath = idx_path(prefix), bin_path(prefix)
+    lengths = r.sequence_lengths.astype(np.int64)
+    if (lengths < 0).any():
+        i = int(np.argmax(lengths < 0))
+        raise ShardFormatError(f"{ipath}: sequence {i} has negative length {lengths[i]}")
+    expected_ptr = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1] * r.dtype.itemsize, out=expected_ptr[1:])
+    bad = np.nonzero(r.sequence_pointers != expected_ptr)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ShardFormatError(
+            f"{ipath}: pointer of sequence {i} is {int(r.sequence_pointers[i])}, expected {int(expected_ptr[i])} "
+            "(pointers must be contiguous and monotonic)"
+        )
+    doc = r.document_indices
+    if len(doc) == 0 or doc[0] != 0:
+        raise ShardFormatError(f"{ipath}: document indices must start with 0")
+    if (np.diff(doc) < 0).any():
+        i = int(np.argmax(np.diff(doc) < 0))
+        raise ShardFormatError(f"{ipath}: document indices decrease at entry {i + 1}")
+    if int(doc[-1]) != len(r):
+        raise ShardFormatError(
+            f"{ipath}: last document index is {int(doc[-1])}, expected {len(r)} (the sequence count)"
+        )
+    if vocab_size is not None and len(r.tokens):
+        chunk = 1 << 24
+        for start in range(0, len(r.tokens), chunk):
+            part = r.tokens[start : start + chunk]
+            hi, lo = int(part.max()), int(part.min())
+            if hi >= vocab_size or lo < 0:
+                pos = start + int(np.argmax((part >= vocab_size) | (part < 0)))
+                seq = int(np.searchsorted(r.token_offsets(), pos, side="right")) - 1
+                raise ShardFormatError(
+                    f"{bpath}: token id {int(r.tokens[pos])} at token {pos} (sequence {seq}) is outside "
+                    f"the vocabulary of {vocab_size}"
+                )
+    if info is not None:
+        for p, size, digest in (
+            (bpath, info.bin_bytes, info.bin_sha256),
+            (ipath, info.idx_bytes, info.idx_sha256),
+        ):
+            if p.stat().st_size != size:
+                raise ShardFormatError(f"{p}: {p.stat().st_size} bytes, manifest says {size}")
+            actual = file_sha256(p)
+            if actual != digest:
+                raise ShardFormatError(
+                    f"{p}: sha256 {actual[:16]}... differs from the manifest's {digest[:16]}...: corrupt"
+                )
+        counts = (len(r), r.num_tokens, r.num_documents)
+        if counts != (info.sequences, info.tokens, info.documents):
+            raise ShardFormatError(
+                f"{ipath}: holds (sequences, tokens, documents) = {counts}, manifest says "
+                f"{(info.sequences, info.tokens, info.documents)}"
+            )
+    return ShardStats(len(r), r.num_tokens, r.num_documents)
+
+
+def verify_set(directory: str | os.PathLike, tokenizer_sha256: str | None = None) -> Manifest:
+    """Verify a whole shard set: manifest, every shard in full, and optionally the tokenizer."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if tokenizer_sha256 is not None:
+        check_tokenizer(manifest, tokenizer_sha256, str(directory / MANIFEST_NAME))
+    for info in manifest.shards:
+        prefix = directory / info.name
+        for p in (bin_path(prefix), idx_path(prefix)):
+            if not p.is_file():
+                raise ShardFormatError(f"{p}: listed in {directory / MANIFEST_NAME} but missing")
+        dtype = read_index_header(idx_path(prefix)).dtype
+        if dtype != np.dtype(manifest.dtype):
+            raise ShardFormatError(
+                f"{idx_path(prefix)}: dtype {dtype}, but the manifest says {manifest.dtype}"
+            )
+        verify_shard(prefix, manifest.vocab_size, info)
+    from roberta_ds.data.unigram import check_stored_stats
+
+    check_stored_stats(directory, manifest)
+    return manifest

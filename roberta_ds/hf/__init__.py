@@ -1,0 +1,1 @@
+"""Hugging Face: the declarative name map, export/import, the logits parity check, weight files."""

@@ -1,0 +1,1 @@
+"""The planner: memory, micro batch and time for a cluster job (`roberta-ds plan`)."""

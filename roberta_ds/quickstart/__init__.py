@@ -1,0 +1,1 @@
+"""`roberta-ds quickstart`: the whole pipeline on the built-in corpus, with its report."""
