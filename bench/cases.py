@@ -67,7 +67,7 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m64_eager", "ours", B, 512, 64, compile=False, goal=600e3),
     Case("base512_m64_autocast_z1", "ours", B, 512, 64, precision="autocast", zero=1, goal=600e3),
     Case("base512_m8_a1", "ours", B, 512, 8, accum=1),  # a 1024-GPU rank's shape (8K batch): plan's input
-    # Levers after the first H100 run (bench/NOTES.md): the per-micro-batch ZeRO-2 gradient hooks and
+    # Levers after the first H100 run (bench/HISTORY.md): the per-micro-batch ZeRO-2 gradient hooks and
     # bucket copies. ZeRO-1 reduces at the accumulation boundary; without overlap_comm, ZeRO-2 copies
     # into its buckets on the compute stream, with no side-stream synchronisation per bucket.
     Case("base512_m64_z1", "ours", B, 512, 64, zero=1, goal=600e3),
@@ -79,10 +79,10 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("base512_m64_nocontig", "ours", B, 512, 64, ds_sets=("zero_optimization.contiguous_gradients=false",),
          goal=600e3),
     # Diagnostic, not the recipe: what attention-probability dropout costs the attention kernels (the
-    # profile's 24.5%; bench/NOTES.md "ceiling"). Residual and FFN dropout stay at 0.1.
+    # profile's 24.5%; bench/HISTORY.md "ceiling"). Residual and FFN dropout stay at 0.1.
     Case("base512_m64_attn_nodrop", "ours", B, 512, 64, overrides=(("attention_dropout", 0.0),)),
     # FlashAttention-2's varlen kernel with dropout over each row's real tokens (roberta_ds/model/attention.py)
-    # instead of cuDNN's masked kernel: the attention lever of the ceiling arithmetic (bench/NOTES.md).
+    # instead of cuDNN's masked kernel: the attention lever of the ceiling arithmetic (bench/HISTORY.md).
     Case("base512_m64_varlen", "ours", B, 512, 64, overrides=VARLEN, goal=600e3),
     Case("base512_m128_z1_varlen", "ours", B, 512, 128, zero=1, overrides=VARLEN, goal=600e3),
     Case("large512_m32_varlen", "ours", L, 512, 32, overrides=VARLEN, goal=220e3),
@@ -111,7 +111,7 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     # ~half of HBM bandwidth, one of them 6x slower at m256): the fastest settings with it.
     Case("base512_m128_z1_cdt", "ours", B, 512, 128, zero=1, overrides=UNPAD, goal=600e3, sets=CDT),
     Case("large512_m64_z1_cdt", "ours", L, 512, 64, zero=1, overrides=UNPAD, goal=220e3, sets=CDT),
-    # The m192/m256 anomaly (bench/NOTES.md, stop 14): inductor sizes its fused LayerNorm-backward +
+    # The m192/m256 anomaly (bench/HISTORY.md, stop 14): inductor sizes its fused LayerNorm-backward +
     # weight-gradient kernel ("mix-order reduction") by the token count, 64 rows per program from ~68K
     # tokens on (2 rows per iteration), 32 below; the slow kernel ran only with 64. Pinned to 32:
     Case("base512_m192_z1_split32", "ours", B, 512, 192, zero=1, overrides=UNPAD, goal=600e3, sets=SPLIT32),
@@ -128,7 +128,7 @@ CASES: tuple[Case, ...] = (  # GPU priority order: a run cut short by its budget
     Case("large512_m64_z1_hash", "ours", L, 512, 64, zero=1, overrides=(*UNPAD, ("dropout_rng", "hash")),
          goal=220e3),
     # Our Triton attention kernel lost to FlashAttention-2 on an H200 (0.90x base, 0.83x large, fwd+bwd
-    # with dropout 0.1) and was deleted with its cases (bench/NOTES.md, stop 17).
+    # with dropout 0.1) and was deleted with its cases (bench/HISTORY.md, stop 17).
     # fp16 with dynamic loss scaling (the shipped ds_configs/zero2_fp16.json): its rate on the card.
     Case("base512_m128_fp16", "ours", B, 512, 128, zero=2, precision="fp16", overrides=UNPAD),
 )

@@ -4,7 +4,7 @@
     python bench/host_ops.py --stages 1 2 --layers 24
 
 Why: on the H100 our training step was host-bound at micro 32 (313.8K tokens/s against 455.1K at
-micro 64, bench/NOTES.md): the GPU waited for Python. The host work that grows with accumulation is
+micro 64, bench/HISTORY.md): the GPU waited for Python. The host work that grows with accumulation is
 DeepSpeed's per-parameter gradient bookkeeping at every micro-batch. This counts it on any machine,
 exactly: every aten op dispatched (TorchDispatchMode), so the figures do not depend on a noisy CPU.
 

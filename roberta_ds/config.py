@@ -84,7 +84,7 @@ class ModelConfig:
                  f"must be 'torch' or 'hash', got {self.dropout_rng!r}")
         _require(self.attention_kernel != "triton", "model.attention_kernel",
                  "'triton' was removed: our Triton kernel lost to FlashAttention-2 on an H200 "
-                 "(bench/NOTES.md); choose 'varlen' (or 'auto')")
+                 "(bench/HISTORY.md); choose 'varlen' (or 'auto')")
         _require(
             self.attention_kernel in ATTENTION_KERNELS,
             "model.attention_kernel",

@@ -1,7 +1,6 @@
 """One kernel per parameter for DeepSpeed's fp32 gradient accumulation under bf16 ZeRO-1.
 
-DeepSpeed's `BF16_Optimizer` (bf16 with ZeRO-1 and fp32 gradient accumulation, the fastest setting on
-one H100: bench/NOTES.md) adds every parameter's bf16 gradient into its fp32 buffer after each
+DeepSpeed's `BF16_Optimizer` (bf16 with ZeRO-1 and fp32 gradient accumulation) adds every parameter's bf16 gradient into its fp32 buffer after each
 micro-batch as
 
     hp_grad.data.add_(lp.grad.data.to(hp_grad.dtype).view(hp_grad.shape))
@@ -10,9 +9,8 @@ i.e. two kernels per parameter and micro-batch: a cast that writes an fp32 copy 
 the add that reads it back. An in-place add with a bf16 operand casts while it reads (PyTorch's type
 promotion computes in fp32, the buffer's dtype), so one kernel gives the same bits with 10 bytes
 moved per element instead of 18. For roberta-large (392 tensors, 355M parameters) at accumulation 8
-that is 3,136 kernels and ~23 GB of memory traffic fewer per optimizer step; in the H100 profile of
-`large512_m32_z1_unpad` all of `aten::copy_` and `aten::add_` together took 39 of 653 ms of device
-time per step (bench/results/2026-11-27-h100-stop13/), the pair among them.
+that is 3,136 kernels and ~23 GB of memory traffic fewer per optimizer step (what that is worth on
+a GPU: bench/NOTES.md).
 
 The replacement is bound to the one optimizer instance, and only when DeepSpeed's method still
 holds exactly the line above: another DeepSpeed version keeps its own code (a log line says so).

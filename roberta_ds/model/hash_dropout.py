@@ -2,9 +2,8 @@
 
 `nn.Dropout` under torch.compile becomes inductor's `tl.rand(seed, offset)`: one full Philox4x32-10
 call (ten rounds of two 32 x 32 -> 64-bit multiplies) per element, of which it keeps one of four
-outputs. The fused residual-add + dropout + LayerNorm kernel of every layer ran at about half of HBM
-bandwidth on an H100 (bench/NOTES.md, stop 14), where the LayerNorm-backward kernel, with more bytes
-and no random numbers, ran at three quarters: the Philox arithmetic is the likely difference.
+outputs, so the fused residual-add + dropout + LayerNorm kernel of every layer is bound by that
+arithmetic rather than by memory (measurements: bench/NOTES.md).
 `model.dropout_rng: hash` draws the keep mask from a keyed integer hash of the element's index
 instead: two rounds of Wellons' improved `lowbias32` (four multiplies in all), fused by inductor into
 the same kernel, and cheap enough that inductor may recompute it in backward instead of saving it.
