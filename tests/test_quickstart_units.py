@@ -121,3 +121,22 @@ def test_count_correct_through_the_engine_call_signature() -> None:
     ids = torch.randint(5, 50, (2, 8))
     out = model(ids, torch.tensor([[1, 2], [3, 0]]), torch.tensor([[7, 9], [11, -100]]), count_correct=True)
     assert isinstance(out, tuple) and out[1].shape == () and 0 <= int(out[1]) <= 3
+
+
+def test_deepspeed_launcher_without_its_script_runs_as_a_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed installed with `pip --target` (the GPU machines) has no `deepspeed` script beside the
+    interpreter: the launcher is then the same entry point run as a module, and it starts."""
+    import subprocess
+    import sys
+
+    from roberta_ds.quickstart.pipeline import deepspeed_launcher
+
+    real = sys.executable
+    assert deepspeed_launcher() == [str(Path(real).parent / "deepspeed")]  # this venv has the script
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))
+    cmd = deepspeed_launcher()
+    assert cmd == [str(tmp_path / "python3"), "-m", "deepspeed.launcher.runner"]
+    proc = subprocess.run([real, *cmd[1:], "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "--num_gpus" in proc.stdout, proc.stderr[-2000:]
