@@ -13,7 +13,9 @@ the run at a point and lets it go), `raise`, `sigterm` / `sigusr1` (signal this 
 `sigterm_tree` (SIGTERM to this rank's DataLoader workers, then to it: a scheduler signalling
 every process), `unlink=<path>` / `truncate=<path>` (delete a file, or cut it to half its size: a
 data shard vanishing or shrinking under the run). Value actions are returned to the caller: `nan`
-(poison the loss), `inf` (poison a gradient). With the variable unset, `at()` is one attribute check.
+(poison the loss), `inf` (poison a gradient), `spike[=FACTOR]` (FACTOR x the loss at `loss`, which
+scales its gradients too; FACTOR x the gradients alone at `grad`; default SPIKE_FACTOR): a loss
+spike for the spike policy (spike.py). With the variable unset, `at()` is one attribute check.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import dataclass, field
 from roberta_ds.errors import ConfigError
 
 ENV = "ROBERTA_DS_FAULTS"
-VALUE_ACTIONS = ("nan", "inf")
+VALUE_ACTIONS = ("nan", "inf", "spike")
+SPIKE_FACTOR = 100.0
+SPIKE_POINTS = ("loss", "grad")
 PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "wait", "raise", "sigterm", "sigterm_tree", "sigusr1",
                    "unlink", "truncate")
 _NEEDS_ARG = {"sleep": "seconds", "wait": "a path", "unlink": "a path", "truncate": "a path"}
@@ -64,6 +68,8 @@ def parse(spec: str) -> list[Fault]:
                 float(arg)
             except ValueError:
                 raise ConfigError(f"{ENV}: {entry!r}: sleep needs seconds, got {arg!r}") from None
+        if name == "spike":
+            _check_spike(entry, point, arg)
         f = Fault(action=name, point=point, arg=arg)
         for kv in filter(None, filters.split(",")):
             k, _, v = kv.partition("=")
@@ -72,6 +78,25 @@ def parse(spec: str) -> list[Fault]:
             setattr(f, k, int(v))
         faults.append(f)
     return faults
+
+
+def _check_spike(entry: str, point: str, arg: str) -> None:
+    if point not in SPIKE_POINTS:
+        raise ConfigError(f"{ENV}: {entry!r}: spike happens at {' or '.join(SPIKE_POINTS)}, not {point!r}")
+    try:
+        ok = not arg or float(arg) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{ENV}: {entry!r}: spike=FACTOR needs a number > 0, got {arg!r}")
+
+
+def spike_factor(value: str | None) -> float | None:
+    """The factor of a `spike` value action returned by `Faults.at` (None for any other value)."""
+    if not value or not value.startswith("spike"):
+        return None
+    _, _, arg = value.partition("=")
+    return float(arg) if arg else SPIKE_FACTOR
 
 
 def _split_save(rest: str) -> tuple[str, str, str]:
@@ -99,7 +124,7 @@ class Faults:
             f.fired += 1
             print(f"[fault] rank {self.rank}: {f.action} at {point} step {step}", flush=True)
             if f.action in VALUE_ACTIONS:
-                value = f.action
+                value = f"{f.action}={f.arg}" if f.arg else f.action
             else:
                 _act(f)
         return value

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from roberta_ds.config import TrainConfig
+from roberta_ds.data_order import DataOrder
 from roberta_ds.dist import DistEnv
 from roberta_ds.ds_config import BatchPlan
 from roberta_ds.optim import GuardedAdamW
@@ -40,6 +41,11 @@ class Runtime:
     tokens_seen: int | None = 0
     """Real (non-padding) tokens consumed by every rank so far; None after resuming from a checkpoint
     that predates the count (it is then not reported)."""
+    order: DataOrder = DataOrder()
+    """Which global batch each step takes (data_order.py): restarted by --allow-data-change, with
+    batches skipped by a spike rollback."""
+    spike_state: dict[str, Any] | None = None
+    """The spike policy's state from the checkpoint resumed from (spike.SpikeGuard.state())."""
 
 
 def comm_device(device: torch.device) -> torch.device:

@@ -73,6 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="auto (newest committed checkpoint in output_dir, if any), none, or a checkpoint path")
     p.add_argument("--resume-fallback", action="store_true",
                    help="if the chosen checkpoint fails verification, use the newest earlier complete one")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data settings that fix the sample order changed (train sets, "
+                        "weights, max_seq_len, packing, seed); the new order starts at the saved step")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -123,6 +126,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     from deepspeed.accelerator import get_accelerator
 
     from roberta_ds.data import open_train_data
+    from roberta_ds.data_order import DataOrder, check_data_unchanged, data_identity, resumed_order
     from roberta_ds.model import RobertaMLM
     from roberta_ds.resume import check_compatible, plan_resume
     from roberta_ds.tokenizer import load_tokenizer_info
@@ -172,10 +176,12 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     comm.agree_error(_hold_output_dir(out, cfg.lock_timeout_s, comm.rank))
     ckpt_dir = out / "checkpoints"
     model_dict = config_to_dict(cfg.model)
+    identity = data_identity(cfg.data, [s.manifest for s in data.sources])
 
     def check(c: ckpt.Committed) -> None:
         check_compatible(c.meta, model=model_dict, tokenizer_sha256=tok.sha256,
                          global_batch=plan.global_batch, where=c.path)
+        check_data_unchanged(c.meta, identity, allow=args.allow_data_change, where=c.path)
 
     point = plan_resume(ckpt_dir, args.resume, args.resume_fallback, comm, zero_stage=zero_stage(ds),
                         check=check, log=dist.print0)
@@ -217,7 +223,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     np.random.seed((cfg.seed * 100_003 + 1 + env.rank) % 2**32)
     random.seed(cfg.seed * 100_003 + 1 + env.rank)
 
-    step, skipped_total, rng_state, tokens_seen = 0, 0, None, 0
+    step, skipped_total, rng_state, tokens_seen, order, spike_state = 0, 0, None, 0, DataOrder(), None
     if point is not None:
         loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
@@ -231,11 +237,15 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
             rng_state = json.loads(rng.read_text())
         dist.print0(f"[roberta-ds] resumed from {point.chosen.path} at step {step}"
                     + (" (universal checkpoint)" if point.universal else ""))
+        order, data_note = resumed_order(point.chosen.meta, identity)
+        if data_note:
+            dist.print0(f"[roberta-ds] {data_note}")
+        spike_state = point.chosen.meta.get("spike")
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _copy_tokenizer(cfg.tokenizer, out)
     return Runtime(cfg, ds, plan, env, device, engine, optimizer, data, tok.sha256, step, skipped_total, out,
-                   rng_state, tokens_seen)
+                   rng_state, tokens_seen, order, spike_state)
 
 
 def _hold_output_dir(out: Path, timeout_s: float, rank: int) -> str | None:
