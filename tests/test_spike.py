@@ -11,7 +11,7 @@ injected with ROBERTA_DS_FAULTS `spike[=FACTOR]@loss|grad`):
 - resume after the rollback: a new launch from the re-committed step_4 takes the same batches and
   reaches bitwise the same losses as the rolled-back run, and the list is in every later manifest.
 
-Cost: 3 launches, about 90 s on a quiet 2-core machine.
+Cost: 3 two-rank launches, 125 s on the shared 2-core machine (under load).
 """
 
 from __future__ import annotations
