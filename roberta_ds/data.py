@@ -144,7 +144,7 @@ class MicroBatchDataset(torch.utils.data.Dataset):
     def indices(self, i: int) -> np.ndarray:
         step, micro_step = divmod(self.start_step * self.grad_accum + i, self.grad_accum)
         return micro_batch_indices(
-            self.order.batch_at(step),  # the step's global batch: `step` unless the order moved (data_order.py)
+            self.order.batch_at(step),  # the step's global batch: `step` unless the order moved
             micro_step,
             self.rank,
             micro_batch=self.micro_batch,

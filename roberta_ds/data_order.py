@@ -99,7 +99,8 @@ def legacy_identity(meta: dict[str, Any]) -> dict[str, Any]:
     """The identity of a checkpoint written before `data_identity` was stored, from its data config
     (the sets by path and weight: their shards were not fingerprinted then)."""
     data = meta.get("data") or {}
-    out: dict[str, Any] = {"data.train": [{"path": s["path"], "weight": s["weight"]} for s in data.get("train", [])]}
+    sets = [{"path": s["path"], "weight": s["weight"]} for s in data.get("train", [])]
+    out: dict[str, Any] = {"data.train": sets}
     for name in ("max_seq_len", "packing", "seed"):
         if name in data:
             out[f"data.{name}"] = data[name]
@@ -111,8 +112,9 @@ def _train_key(sets: list[dict[str, Any]], by_content: bool) -> list[tuple[Any, 
 
 
 def _describe_sets(sets: list[dict[str, Any]]) -> str:
-    return "[" + ", ".join(f"{s['path']} (weight {s['weight']:g}" + (f", shards {s['shards']})" if "shards" in s
-                                                                  else ")") for s in sets) + "]"
+    parts = [f"{s['path']} (weight {s['weight']:g}" + (f", shards {s['shards']})" if "shards" in s else ")")
+             for s in sets]
+    return "[" + ", ".join(parts) + "]"
 
 
 def identity_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -144,10 +146,10 @@ def check_data_unchanged(meta: dict[str, Any], now: dict[str, Any], *, allow: bo
     changes = identity_changes(saved_identity(meta), now)
     if changes and not allow:
         raise CheckpointError(
-            f"{where}: the data changed since this checkpoint, which moves the sample order its data cursor "
-            f"points into (samples would be seen twice or never): {'; '.join(changes)}. Resume with the "
-            f"checkpoint's data settings, or pass {ALLOW_FLAG} to continue from step {meta['step']} on the new "
-            "order, which then starts at its first batch"
+            f"{where}: the data changed since this checkpoint, which moves the sample order its data "
+            f"cursor points into (samples would be seen twice or never): {'; '.join(changes)}. Resume "
+            f"with the checkpoint's data settings, or pass {ALLOW_FLAG} to continue from step "
+            f"{meta['step']} on the new order, which then starts at its first batch"
         )
 
 
@@ -160,7 +162,8 @@ def resumed_order(meta: dict[str, Any], now: dict[str, Any]) -> tuple[DataOrder,
     if not changes:
         return order, None
     step = int(meta["step"])
-    dropped = f"; the {len(order.skipped)} batch(es) skipped under the old order no longer apply" if order.skipped else ""
+    dropped = (f"; the {len(order.skipped)} batch(es) skipped under the old order no longer apply"
+               if order.skipped else "")
     return DataOrder(start_step=step), (
         f"{ALLOW_FLAG}: the data changed ({'; '.join(changes)}); the sample order restarts at step {step}, "
         f"which takes batch 0 of the new order{dropped}")

@@ -305,8 +305,8 @@ class Trainer:
     def count_skip(self, step: int, why: str) -> None:
         self.rt.skipped_total += 1
         self.consecutive_skips += 1
-        dist.print0(f"[roberta-ds] step {step}: {why}; update skipped on all ranks ({self.consecutive_skips} in a "
-                    f"row, {self.rt.skipped_total} in total)")
+        dist.print0(f"[roberta-ds] step {step}: {why}; update skipped on all ranks "
+                    f"({self.consecutive_skips} in a row, {self.rt.skipped_total} in total)")
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------
 

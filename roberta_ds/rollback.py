@@ -45,8 +45,8 @@ def _target(ckpt_dir: Path, world: int, comm: ckpt.Comm) -> tuple[Path | None, s
         if not found:
             choice = (None, f"no committed checkpoint in {ckpt_dir} yet")
         elif int(found[-1].meta["world_size"]) != world:
-            choice = (None, f"{found[-1].path} was written by {found[-1].meta['world_size']} ranks, this run has "
-                            f"{world} (it loads only through a universal conversion, at a resume)")
+            choice = (None, f"{found[-1].path} was written by {found[-1].meta['world_size']} ranks, this "
+                            f"run has {world} (it loads only through a universal conversion, at a resume)")
         else:
             choice = (str(found[-1].path), "")
     path, why = comm.gather_to_all(choice)[0]
@@ -88,8 +88,8 @@ def roll_back(tr: Any, spike_step: int, reasons: list[str]) -> bool:
     if rng.is_file():  # after the loader: creating its iterator draws from the global RNG
         ckpt.restore_rng(json.loads(rng.read_text()))
     dist.print0(
-        f"[roberta-ds] step {spike_step}: loss spike ({'; '.join(reasons) or 'on some rank'}); rolled back to "
-        f"{path.name} (step {step}), rollback {tr.spike.rollbacks} of at most {cfg.max_rollbacks}; global "
+        f"[roberta-ds] step {spike_step}: loss spike ({'; '.join(reasons) or 'on some rank'}); rolled back "
+        f"to {path.name} (step {step}), rollback {tr.spike.rollbacks} of at most {cfg.max_rollbacks}; global "
         f"batches {new} are never consumed again (skipped in all: {list(rt.order.skipped)}); learning rate x "
         f"{tr.spike.lr_factor:g} from now on")
     tr.sink.log({"step": step, "spike_rollback_from": spike_step + 1, "skip_batches": new,

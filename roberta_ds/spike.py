@@ -27,7 +27,8 @@ import torch
 from roberta_ds.spike_config import SpikeConfig
 
 
-def judge(loss: float, norm: float | None, losses: list[float], norms: list[float], cfg: SpikeConfig) -> list[str]:
+def judge(loss: float, norm: float | None, losses: list[float], norms: list[float],
+          cfg: SpikeConfig) -> list[str]:
     """Why this step is a spike ([] when it is not): its loss or gradient norm against the medians of
     the recent applied steps. Non-finite values are left to the non-finite path."""
     reasons = []
@@ -35,7 +36,8 @@ def judge(loss: float, norm: float | None, losses: list[float], norms: list[floa
         median = statistics.median(losses)
         if loss > cfg.loss_factor * median:
             reasons.append(f"loss {loss:.4g} > {cfg.loss_factor:g} x median {median:.4g}")
-    if cfg.grad_norm_factor is not None and norm is not None and math.isfinite(norm) and len(norms) >= cfg.min_history:
+    norm_judged = norm is not None and math.isfinite(norm) and len(norms) >= cfg.min_history
+    if cfg.grad_norm_factor is not None and norm_judged:
         median = statistics.median(norms)
         if norm > cfg.grad_norm_factor * median:
             reasons.append(f"grad norm {norm:.4g} > {cfg.grad_norm_factor:g} x median {median:.4g}")

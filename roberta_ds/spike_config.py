@@ -49,7 +49,8 @@ class SpikeConfig:
             (self.policy in SPIKE_POLICIES, "policy", f"must be one of {', '.join(SPIKE_POLICIES)}, "
                                                       f"got {self.policy!r}"),
             (self.loss_factor is None or self.loss_factor > 1, "loss_factor", "must be > 1 (or null)"),
-            (self.grad_norm_factor is None or self.grad_norm_factor > 1, "grad_norm_factor", "must be > 1 (or null)"),
+            (self.grad_norm_factor is None or self.grad_norm_factor > 1, "grad_norm_factor",
+             "must be > 1 (or null)"),
             (self.window >= 1, "window", "must be >= 1"),
             (1 <= self.min_history <= self.window, "min_history", f"must be in [1, window={self.window}]"),
             (self.skip_batches >= 1, "skip_batches", "must be >= 1"),

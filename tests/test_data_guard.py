@@ -71,16 +71,18 @@ def test_identity_compares_sets_by_content_and_names_each_change(small_shards, t
     check_data_unchanged(meta, same, allow=False, where="ckpt")
     with pytest.raises(CheckpointError) as e:
         check_data_unchanged(meta, other, allow=False, where="ckpt")
-    assert str(e.value).startswith("ckpt: the data changed since this checkpoint") and changes[3] in str(e.value)
-    assert str(e.value).endswith("pass --allow-data-change to continue from step 8 on the new order, which then "
-                                 "starts at its first batch")
+    assert str(e.value).startswith("ckpt: the data changed since this checkpoint")
+    assert changes[3] in str(e.value)
+    assert str(e.value).endswith("pass --allow-data-change to continue from step 8 on the new order, which "
+                                 "then starts at its first batch")
     check_data_unchanged(meta, other, allow=True, where="ckpt")
     order, note = resumed_order({**meta, "data_order": {"start_step": 0, "skipped": [3]}}, other)
     assert order == DataOrder(start_step=8)
     assert note.startswith("--allow-data-change: the data changed (data.train: ") and note.endswith(
-        "the sample order restarts at step 8, which takes batch 0 of the new order; the 1 batch(es) skipped under "
-        "the old order no longer apply")
-    assert resumed_order({**meta, "data_order": {"start_step": 2, "skipped": [3]}}, same) == (DataOrder(2, (3,)), None)
+        "the sample order restarts at step 8, which takes batch 0 of the new order; the 1 batch(es) skipped "
+        "under the old order no longer apply")
+    kept = resumed_order({**meta, "data_order": {"start_step": 2, "skipped": [3]}}, same)
+    assert kept == (DataOrder(2, (3,)), None)
 
 
 def test_a_manifest_from_before_the_identity_is_compared_by_path() -> None:
@@ -91,7 +93,8 @@ def test_a_manifest_from_before_the_identity_is_compared_by_path() -> None:
            "data.packing": "full-sentences", "data.seed": 1}
     assert identity_changes(legacy, now) == []
     now["data.train"][0]["path"] = "b"
-    assert identity_changes(legacy, now) == ["data.train: checkpoint [a (weight 1)], now [b (weight 1, shards 0123)]"]
+    assert identity_changes(legacy, now) == [
+        "data.train: checkpoint [a (weight 1)], now [b (weight 1, shards 0123)]"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +112,8 @@ def test_resume_guard_refuses_allows_and_ignores(small_tokenizer, small_shards, 
     out = tmp_path / "run"
 
     def launch(steps: int, *extra: str):
-        args = tiny_args(small_tokenizer, small_shards, out, steps=steps, extra=["--set", "save_interval=2", *extra])
+        args = tiny_args(small_tokenizer, small_shards, out, steps=steps,
+                         extra=["--set", "save_interval=2", *extra])
         return run_trainer(args, ranks=1, launcher="python", timeout=240)
 
     first = launch(2)
@@ -123,14 +127,16 @@ def test_resume_guard_refuses_allows_and_ignores(small_tokenizer, small_shards, 
     assert "Traceback" not in refused.output
     assert [c.step for c in ckpt.committed(out / "checkpoints")] == [2]
 
-    harmless = launch(4, "--set", "data.num_workers=1", "--set", "log_interval=1", "--set", "data.mask_prob=0.2")
+    harmless = launch(4, "--set", "data.num_workers=1", "--set", "log_interval=1",
+                      "--set", "data.mask_prob=0.2")
     assert harmless.returncode == 0, harmless.output[-3000:]
     assert "data changed" not in harmless.output and "resumed from" in harmless.output
     assert _batches(harmless) == {1: 0, 2: 1, 3: 2, 4: 3}
 
     allowed = launch(6, "--set", "data.seed=2", "--allow-data-change")
     assert allowed.returncode == 0, allowed.output[-3000:]
-    note = "--allow-data-change: the data changed (data.seed: checkpoint 1, now 2); the sample order restarts at step 4"
+    note = ("--allow-data-change: the data changed (data.seed: checkpoint 1, now 2); the sample order "
+            "restarts at step 4")
     assert allowed.output.count(note) == 1, allowed.output[-3000:]
     assert _batches(allowed)[5] == 0 and _batches(allowed)[6] == 1
     meta = ckpt.read_meta(out / "checkpoints" / ckpt.tag_for(6))
