@@ -17,7 +17,7 @@ Checked for each of the 12 world-size changes, against the uninterrupted run it 
 - the losses of steps K+1..2K, and the final fp32 parameters, match within a stated tolerance. Not
   bitwise: the gradient reduction (and with ZeRO, the partitioning) changes with the world size.
   Dropout is 0: after a world-size change the dropout streams restart from the seed (the per-rank
-  RNG states of the checkpoint belong to other ranks), as in Megatron.
+  RNG states of the checkpoint belong to the old ranks).
 The two uninterrupted runs (1 and 2 ranks, the same global batch) match within the same tolerance:
 the tolerance is rounding from the reduction order, nothing else.
 
@@ -204,6 +204,8 @@ def test_cpu_offload_trains_and_resumes_bitwise(runs: dict) -> None:
     straight, resumed = runs["dirs"]["offload"], runs["dirs"]["offload-resumed"]
     meta = ckpt.read_meta(straight / "checkpoints" / ckpt.tag_for(STEPS))
     assert meta["ds_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert runs["record"]["offload"]["cpu_offload"] and runs["record"]["offload-resumed"]["cpu_offload"]
+    assert not runs["record"][_name(2, "bf16", 2)]["cpu_offload"]  # the flag tells the two apart
     assert f"resumed from {resumed / 'checkpoints' / ckpt.tag_for(K)} at step {K}\n" in runs["output"][2]
     a, b = _metrics(straight), _metrics(resumed)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))

@@ -11,7 +11,8 @@ those tests cheap. Under torchrun the rendezvous store belongs to the agent, so 
 port check (it refuses a port that is in use) does not trip on the second job's setup.
 
 RECORD.json (rank 0, written after every job): {name: {"exit": code, "start_step": s,
-"samples": {step: sorted global sample indices of that optimizer step, over all ranks}}}. The
+"samples": {step: sorted global sample indices of that optimizer step, over all ranks},
+"cpu_offload": whether the engine's ZeRO optimizer keeps its states on the CPU}}. The
 indices are the loader's `sample_index`: positions in the world-size-independent global order.
 """
 
@@ -55,7 +56,9 @@ def run_job(args: list[str], stop: StopFlag) -> dict:
     gathered: list[dict[int, list[int]]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
     torch.distributed.all_gather_object(gathered, per_step)
     samples = {step: sorted(i for rank in gathered for i in rank.get(step, [])) for step in per_step}
-    return {"exit": code, "start_step": start, "samples": samples}
+    # What the engine's ZeRO optimizer really did (not what the config asked): optimizer on the CPU?
+    offload = bool(getattr(rt.engine.optimizer, "cpu_offload", False))
+    return {"exit": code, "start_step": start, "samples": samples, "cpu_offload": offload}
 
 
 def main(jobs_path: str, record_path: str) -> None:
