@@ -51,12 +51,13 @@ LOSS_TOL = {"fp32": 2e-6, "bf16": 1.5e-3}
 uninterrupted runs: fp32 4.8e-7, bf16 2.8e-4 (the forward runs in bf16, 8 bits of mantissa)."""
 PARAM_TOL = {"fp32": 1e-5, "bf16": 2e-2}
 """On the fp32 master parameters after step 2K: |resumed - straight| / |straight(2K) - straight(K)|, L2
-over all parameters, i.e. relative to what steps K+1..2K changed. Measured max: fp32 2.1e-7, bf16
-3.4e-3 (world-size changes), 3.9e-3 (1 vs 2 ranks uninterrupted). Not an element-wise maximum: in bf16 a rounding-sized gradient difference flips Adam's
-near-sign update of elements whose gradient is ~0, by up to 2 lr per step (max |diff| 2.9e-3 against
-a max change of 3.9e-3). DeepSpeed's ZeRO-3 universal load without our repair (universal_load.py:
-one Adam step counter for both groups) measured 0.036 on 2 -> 1, in fp32 and bf16 (and fp32 loss
-diffs of 1.9e-4): both fail these tolerances."""
+over all parameters, i.e. relative to what steps K+1..2K changed. Measured max: fp32 2.1e-7; bf16
+3.4e-3 (world-size changes), 3.9e-3 (1 vs 2 ranks uninterrupted). Not an element-wise maximum: in
+bf16 a rounding-sized gradient difference flips Adam's near-sign update of elements whose gradient
+is ~0, by up to 2 lr per step (max |diff| 2.9e-3 against a max change of 3.9e-3). DeepSpeed's ZeRO-3
+universal load without our repair (universal_load.py: one Adam step counter for both groups)
+measured 0.036 on 2 -> 1, in fp32 and bf16 (and fp32 loss diffs of 1.9e-4): both fail these
+tolerances."""
 MIN_STEP_CHANGE = 0.04
 """The straight runs' loss changes by more than this at every step (measured 0.045-0.058 with
 optim.lr 2e-3): a neighbouring batch or a missed update would not pass LOSS_TOL."""
