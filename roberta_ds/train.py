@@ -55,6 +55,7 @@ from roberta_ds.runtime import (
 )
 from roberta_ds.shards import ShardReader, check_tokenizer, read_manifest
 from roberta_ds.signals import StopFlag
+from roberta_ds.universal_load import hyperparameters, repair_zero3_universal_load
 from roberta_ds.watchdog import Progress, collective_failure_in
 
 EXIT_COLLECTIVE_FAILURE = 4
@@ -219,6 +220,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
     step, skipped_total, rng_state, tokens_seen = 0, 0, None, 0
     if point is not None:
+        hyper = hyperparameters(optimizer)  # this run's per-group settings, before DeepSpeed loads anything
         loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
@@ -226,6 +228,8 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         step = int(point.chosen.meta["step"])
         skipped_total = int(point.chosen.meta.get("skipped_steps", 0))
         tokens_seen = point.chosen.meta.get("tokens_seen")
+        if point.universal:  # DeepSpeed's ZeRO-3 universal load mixes up groups' steps and settings
+            repair_zero3_universal_load(engine, hyper, adam_steps=step - skipped_total)
         rng = point.chosen.path / ckpt.rng_file(env.rank)
         if not point.universal and rng.is_file():
             rng_state = json.loads(rng.read_text())
