@@ -294,8 +294,8 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, verify: 
         save_safetensors(weights, tmp / WEIGHTS_FILE)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         # init_from compares the run's tokenizer with this one (init_check.py)
-        (tmp / SOURCE_FILE).write_text(json.dumps({"hf_dir": str(hf_dir),
-                                                   "tokenizer_sha256": source_tokenizer_sha256(hf_dir)}) + "\n")
+        source = {"hf_dir": str(hf_dir), "tokenizer_sha256": source_tokenizer_sha256(hf_dir)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source) + "\n")
     log(f"imported {hf_dir} -> {out} ({cfg.num_layers} layers x {cfg.hidden_size}, vocab {cfg.vocab_size})")
     return cfg
 

@@ -53,9 +53,13 @@ def source_tokenizer_sha256(path: str | os.PathLike) -> str | None:
 def _vocab_fix(weights_vocab: int, run_vocab: int) -> str:
     return (f"the weights have a vocabulary of {weights_vocab} ids, the run's model "
             f"{run_vocab} (model.vocab_size, the run tokenizer's size unless set). Train with the tokenizer "
-            "the weights were trained with: adopt its tokenizer.json (`roberta-ds tokenizer --out tok/ --from "
-            "<hf-dir>/tokenizer.json`), build the shards with it (`roberta-ds build-shards ... --tokenizer "
-            "tok/`) and set tokenizer=tok/")
+            "the weights were trained with: adopt its tokenizer.json "
+            "(`roberta-ds tokenizer --out tok/ --from <hf-dir>/tokenizer.json`), build the shards with it "
+            "(`roberta-ds build-shards ... --tokenizer tok/`) and set tokenizer=tok/")
+
+
+def _named(names: list[str]) -> str:
+    return ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
 
 
 def init_problems(init_cfg: ModelConfig, weights: dict[str, torch.Tensor], model_cfg: ModelConfig,
@@ -74,8 +78,8 @@ def init_problems(init_cfg: ModelConfig, weights: dict[str, torch.Tensor], model
             f"the weights were trained with the tokenizer of sha256 {weights_tokenizer[:16]}..., "
             f"the run uses {run_tokenizer[:16]}... (a vocabulary of the same size from another tokenizer: "
             "every embedding row would stand for another token). Adopt the weights' tokenizer.json "
-            "(`roberta-ds tokenizer --out tok/ --from <hf-dir>/tokenizer.json`), build the shards with it and "
-            "set tokenizer=tok/")
+            "(`roberta-ds tokenizer --out tok/ --from <hf-dir>/tokenizer.json`), build the shards with it "
+            "and set tokenizer=tok/")
     mis_shaped = [f"{name}: weights {shapes[name]} vs model {want}"
                   for name, want in model_shapes.items() if name in shapes and shapes[name] != want]
     if mis_shaped:
@@ -84,9 +88,9 @@ def init_problems(init_cfg: ModelConfig, weights: dict[str, torch.Tensor], model
     missing = sorted(set(model_shapes) - set(shapes))
     unexpected = sorted(set(shapes) - set(model_shapes))
     if missing:
-        problems.append(f"tensors the model has and the weights lack: {missing}")
+        problems.append(f"tensors the model has and the weights lack: {_named(missing)}")
     if unexpected:
-        problems.append(f"tensors in the weights the model does not have: {unexpected}")
+        problems.append(f"tensors in the weights the model does not have: {_named(unexpected)}")
     differ = [f"model.{f.name}: weights {getattr(init_cfg, f.name)!r} vs run {getattr(model_cfg, f.name)!r}"
               for f in dataclasses.fields(ModelConfig)
               if f.name not in IGNORED_FIELDS and getattr(init_cfg, f.name) != getattr(model_cfg, f.name)]
@@ -111,7 +115,9 @@ def load_init(model: torch.nn.Module, model_cfg: ModelConfig, path: str, run_tok
     weights_tokenizer = source_tokenizer_sha256(path)
     problems = init_problems(init_cfg, weights, model_cfg, model_shapes, weights_tokenizer, run_tokenizer)
     if problems:
-        raise ConfigError(f"init_from {path}: refused, the weights do not fit this run: " + "; ".join(problems))
+        raise ConfigError(f"init_from {path}: refused, the weights do not fit this run: "
+                          + "; ".join(problems))
     model.load_state_dict(weights, strict=True)
-    checked = "tokenizer sha256 matches" if weights_tokenizer else "the source recorded no tokenizer to compare"
+    checked = ("tokenizer sha256 matches" if weights_tokenizer
+               else "the source recorded no tokenizer to compare")
     return (f"initialised from {path}: {len(weights)} tensors, shapes and config match ({checked})")

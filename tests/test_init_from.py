@@ -73,12 +73,14 @@ def hf_mlm_loss(hf_dir: Path, dump: Path) -> float:
 @pytest.mark.slow
 def test_continued_pretraining_recipe(tmp_path: Path, small_tokenizer: Path, builtin_corpus: Path) -> None:
     """Block `continued-pretraining` in a user's directory: `roberta-base/` is a tiny transformers model
-    (with the suite's tokenizer), `domain/` the built-in corpus, base.yaml the README's (tiny, fp32).
+    (with the suite's tokenizer), `domain/` a quarter of the built-in corpus, base.yaml the README's
+    (tiny, fp32).
     Then: the adopted tokenizer is the model's byte for byte, and step 1's loss is transformers' loss on
     the 4 micro-batches (2 ranks x 2) of global batch 0, as the trainer dumped them."""
     work = tmp_path
     hf_dir = save_tiny_hf(work / "roberta-base", small_tokenizer)
-    (work / "domain").symlink_to(builtin_corpus, target_is_directory=True)
+    (work / "domain").mkdir()  # a quarter of the built-in corpus: ~90K tokens, ~1,400 blocks of 64
+    (work / "domain" / "docs.jsonl").symlink_to(sorted(builtin_corpus.glob("*.jsonl"))[0])
     scaled_ds_configs(work / "ds_configs", fp32=True)  # bf16 would round the loss we compare
     (work / "base.yaml").write_text(scaled(readme_block("train-config").text, TRAIN_CONFIG_SCALING))
     dumps = work / "dumps"
@@ -99,7 +101,8 @@ def test_continued_pretraining_recipe(tmp_path: Path, small_tokenizer: Path, bui
     assert "checked: max abs logit diff vs Hugging Face" in proc.stdout
     assert "initialised from init/: " in proc.stdout and "(tokenizer sha256 matches)" in proc.stdout
 
-    records = [json.loads(line) for line in (work / "runs" / "domain" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (work / "runs" / "domain" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in metrics]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert sorted(losses) == [1, 2]
     files = sorted(dumps.glob("batch-step0-rank*.npz"))
@@ -148,7 +151,8 @@ def test_fitting_weights_load_exactly(imported, small_tokenizer: Path) -> None:
     assert all(torch.equal(state[name], weights[name]) for name in weights)
 
 
-def test_vocabulary_of_another_size_is_refused_naming_tensor_shapes_and_fix(imported, small_tokenizer) -> None:
+def test_vocabulary_of_another_size_is_refused_naming_tensor_shapes_and_fix(imported, small_tokenizer: Path
+                                                                             ) -> None:
     model, cfg, sha = _tiny_model(small_tokenizer)
     with pytest.raises(ConfigError) as e:
         load_init(model, cfg, str(imported["vocab"]), sha)
@@ -184,9 +188,25 @@ def test_config_that_changes_the_maths_without_a_shape_is_refused(imported, smal
         load_init(model, cfg, str(imported["eps"]), sha)
 
 
+def test_missing_and_unexpected_tensors_are_named() -> None:
+    """A state dict that lost one tensor and gained another (a foreign converter, a hand edit)."""
+    from roberta_ds.init_check import init_problems
+
+    model = RobertaMLM(TINY)
+    weights = dict(model.state_dict())
+    del weights["layers.1.ffn.fc.bias"]
+    weights["pooler.dense.weight"] = torch.zeros(64, 64)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert init_problems(TINY, weights, TINY, shapes) == [
+        "tensors the model has and the weights lack: layers.1.ffn.fc.bias",
+        "tensors in the weights the model does not have: pooler.dense.weight"]
+    assert init_problems(TINY, dict(model.state_dict()), TINY, shapes, "a" * 64, "a" * 64) == []
+
+
 @pytest.mark.slow
-def test_trainer_refuses_before_any_step(imported, small_tokenizer: Path, small_shards: Path, tmp_path) -> None:
-    """The launch: exit 1 at setup with the message, no step run, no checkpoint."""
+def test_trainer_refuses_before_any_step(imported, small_tokenizer: Path, small_shards: Path,
+                                         tmp_path: Path) -> None:
+    """The launch: exit 1 at setup with the message; no step run, nothing left in the output directory."""
     out = tmp_path / "run"
     args = tiny_args(small_tokenizer, small_shards, out, steps=2, ds_config="zero2_bf16",
                      extra=["--set", f"init_from={imported['vocab']}", "--set", "model.max_positions=130"])
@@ -194,4 +214,4 @@ def test_trainer_refuses_before_any_step(imported, small_tokenizer: Path, small_
     assert res.returncode == 1, res.output[-4000:]
     assert "embeddings.word.weight: weights (2100, 64) vs model (2048, 64)" in res.output, res.output[-4000:]
     assert "embeddings.position.weight" not in res.output  # only what differs is named
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    assert not out.exists() or list(out.iterdir()) == []  # nothing written, the run lock released
