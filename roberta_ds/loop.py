@@ -225,6 +225,8 @@ class Trainer:
             self.progress.mark(step, f"micro-batch {micro}", publish=micro == 0)
             t_data = time.perf_counter()
             batch = next(self.loader)
+            if self.faults.active:
+                self.faults.at("batch", step, data=batch)
             tokens += int(batch["num_tokens"])
             samples += int(batch["input_ids"].shape[0])
             args, kwargs = model_inputs(batch, rt.device, rt.cfg.model.unpad)

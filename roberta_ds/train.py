@@ -185,13 +185,10 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = RobertaMLM(cfg.model)
-    if cfg.init_from and point is None:
-        from roberta_ds.convert_hf import load_pretrained
+    if cfg.init_from and point is None:  # a resumed run takes its weights from the checkpoint
+        from roberta_ds.init_check import load_init
 
-        init_cfg, state = load_pretrained(cfg.init_from)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {unexpected}")
+        dist.print0(f"[roberta-ds] {load_init(model, cfg.model, cfg.init_from, tok.sha256)}")
     if cfg.compile:
         try:  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
             model = torch.compile(model, options=inductor_options(cfg.compile_options) or None)

@@ -102,6 +102,11 @@ BLOCKS: dict[str, Checked | Exempt] = {
             "2 ranks, preempted"),
         Run(f"{TEMPLATES}::test_preprocess_array_and_merge_equal_build_shards", (3,), "an array of 3 tasks"),
     )),
+    "continued-pretraining": Checked((
+        Run("tests/test_init_from.py::test_continued_pretraining_recipe", (1, 2, 3, 4),
+            "`roberta-base/` a tiny transformers model with the suite's tokenizer, `domain/` a quarter of "
+            "the built-in corpus, 2 workers; 2 CPU ranks, fp32, 2 steps, dropout 0"),
+    )),
     "plan": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written (the planner needs no GPU)",
                          '"plan": [['),)),
     "plan-sweep": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written", '"plan-sweep": [['),)),
