@@ -16,6 +16,10 @@ data shard vanishing or shrinking under the run). Value actions are returned to 
 (poison the loss), `inf` (poison a gradient), `spike[=FACTOR]` (FACTOR x the loss at `loss`, which
 scales its gradients too; FACTOR x the gradients alone at `grad`; default SPIKE_FACTOR): a loss
 spike for the spike policy (spike.py). With the variable unset, `at()` is one attribute check.
+
+Observation and extra signals, same syntax: `dump=<dir>@batch` saves each micro-batch the model is
+given as `<dir>/batch-step<step>-rank<rank>-<n>.npz` (n counts this entry's dumps; `times` to dump
+more than one); `sigusr2` signals this rank like `sigusr1`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ SPIKE_POINTS = ("loss", "grad")
 PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "wait", "raise", "sigterm", "sigterm_tree", "sigusr1",
                    "unlink", "truncate")
 _NEEDS_ARG = {"sleep": "seconds", "wait": "a path", "unlink": "a path", "truncate": "a path"}
+PROCESS_ACTIONS += ("sigusr2", "dump")
+_NEEDS_ARG["dump"] = "a directory"
 
 
 class InjectedFault(RuntimeError):
@@ -111,8 +117,9 @@ class Faults:
         self.rank = rank
         self.active = bool(self.faults)
 
-    def at(self, point: str, step: int | None = None) -> str | None:
-        """Fire the faults registered for this point/step/rank; returns a value action, if any."""
+    def at(self, point: str, step: int | None = None, data: dict | None = None) -> str | None:
+        """Fire the faults registered for this point/step/rank; returns a value action, if any.
+        `data`: the tensors a `dump` at this point saves."""
         if not self.active:
             return None
         value = None
@@ -125,6 +132,8 @@ class Faults:
             print(f"[fault] rank {self.rank}: {f.action} at {point} step {step}", flush=True)
             if f.action in VALUE_ACTIONS:
                 value = f"{f.action}={f.arg}" if f.arg else f.action
+            elif f.action == "dump":
+                _dump(f, step, self.rank, data or {})
             else:
                 _act(f)
         return value
@@ -154,7 +163,19 @@ def _act(f: Fault) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     elif f.action == "sigusr1":
         os.kill(os.getpid(), signal.SIGUSR1)
+    elif f.action == "sigusr2":
+        os.kill(os.getpid(), signal.SIGUSR2)
     elif f.action == "unlink":
         os.unlink(f.arg)
     elif f.action == "truncate":
         os.truncate(f.arg, os.path.getsize(f.arg) // 2)
+
+
+def _dump(f: Fault, step: int | None, rank: int, data: dict) -> None:
+    import numpy as np
+
+    out = os.path.join(f.arg, f"batch-step{step}-rank{rank}-{f.fired - 1}.npz")
+    os.makedirs(f.arg, exist_ok=True)
+    tmp = f"{out}.tmp.npz"  # np.savez adds .npz to a name without it
+    np.savez(tmp, **{k: v.numpy() for k, v in data.items()})
+    os.replace(tmp, out)

@@ -253,6 +253,8 @@ class Trainer:
             batch = next(self.loader)
             if micro == 0:
                 self.data_batch = int(batch["sample_index"][0]) // plan.global_batch  # what the loader gave
+            if self.faults.active:
+                self.faults.at("batch", step, data=batch)
             tokens += int(batch["num_tokens"])
             samples += int(batch["input_ids"].shape[0])
             args, kwargs = model_inputs(batch, rt.device, rt.cfg.model.unpad)

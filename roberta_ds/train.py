@@ -55,6 +55,7 @@ from roberta_ds.runtime import (
 )
 from roberta_ds.shards import ShardReader, check_tokenizer, read_manifest
 from roberta_ds.signals import StopFlag
+from roberta_ds.universal_load import hyperparameters, repair_zero3_universal_load
 from roberta_ds.watchdog import Progress, collective_failure_in
 
 EXIT_COLLECTIVE_FAILURE = 4
@@ -190,13 +191,10 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = RobertaMLM(cfg.model)
-    if cfg.init_from and point is None:
-        from roberta_ds.convert_hf import load_pretrained
+    if cfg.init_from and point is None:  # a resumed run takes its weights from the checkpoint
+        from roberta_ds.init_check import load_init
 
-        init_cfg, state = load_pretrained(cfg.init_from)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {unexpected}")
+        dist.print0(f"[roberta-ds] {load_init(model, cfg.model, cfg.init_from, tok.sha256)}")
     if cfg.compile:
         try:  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
             model = torch.compile(model, options=inductor_options(cfg.compile_options) or None)
@@ -225,6 +223,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
     step, skipped_total, rng_state, tokens_seen, order, spike_state = 0, 0, None, 0, DataOrder(), None
     if point is not None:
+        hyper = hyperparameters(optimizer)  # this run's per-group settings, before DeepSpeed loads anything
         loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
@@ -232,6 +231,8 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         step = int(point.chosen.meta["step"])
         skipped_total = int(point.chosen.meta.get("skipped_steps", 0))
         tokens_seen = point.chosen.meta.get("tokens_seen")
+        if point.universal:  # DeepSpeed's ZeRO-3 universal load mixes up groups' steps and settings
+            repair_zero3_universal_load(engine, hyper, adam_steps=step - skipped_total)
         rng = point.chosen.path / ckpt.rng_file(env.rank)
         if not point.universal and rng.is_file():
             rng_state = json.loads(rng.read_text())
