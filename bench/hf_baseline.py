@@ -1,6 +1,7 @@
 """The Hugging Face baselines of bench/train_throughput.py, and the measurement protocol both share.
 
-Baseline = what a user would run instead of roberta-ds on one GPU (shared/gpu/hf_anchor.py, adapted):
+Baseline = what a user would run instead of roberta-ds on one GPU (adapted from the anchor script of
+bench/NOTES.md's first entry):
 `transformers.RobertaForMaskedLM` with sdpa attention and full-vocabulary logits, the same shape as
 our model (hf_names.hf_config), trained with torch's AdamW (0.9, 0.98, eps 1e-6, wd 0.01, fused on
 GPU) on random token rows (no padding, 15% of positions labelled) kept on the device:

@@ -6,7 +6,8 @@
     bash bench/gpu_run.sh                                   # the prepared one-GPU run (see its header)
 
 An `ours` case is the real training path, in-process: `train.setup()` builds the run exactly as
-`roberta-ds train` does (DeepSpeed engine from ds_configs/zero2_bf16.json: bf16, ZeRO-2, clipping 1.0,
+`roberta-ds train` does (DeepSpeed engine from ds_configs/zero2_bf16.json: bf16, ZeRO-2, clipping as
+shipped (1.0 in the runs of bench/NOTES.md up to stop 17, 0.0 since),
 or the shipped zero1_bf16.json / zero3_bf16.json for a case of that stage;
 GuardedAdamW, fused; the model `torch.compile`d before `deepspeed.initialize`), then
 `loop.Trainer.train_step()` runs optimizer steps of `accum` micro-batches from our DataLoader over

@@ -43,7 +43,8 @@ def shard_sets(paths: list[str]) -> list[Path]:
             out += [p / s for s in ("train", "valid") if (p / s).is_dir()]
         elif p.is_dir() and any(p.glob("*.idx")):
             raise UserError(
-                f"{p}: shards without {MANIFEST_NAME}: an unfinished build (rerun build-shards to finish it)"
+                f"{p}: shards without {MANIFEST_NAME}: an unfinished build (rerun build-shards to finish it), or "
+                f"shards written by another tool (`roberta-ds adopt-shards {p}/NAME ... --tokenizer tok/ --out {p}`)"
             )
         else:
             raise UserError(

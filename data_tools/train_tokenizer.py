@@ -6,7 +6,8 @@
 Training streams documents (txt / JSONL / .gz, see data_tools.text_input) into the `tokenizers`
 BPE trainer, so the corpus is never held in memory. The model is RoBERTa's: byte-level
 pre-tokenizer without a prefix space, byte-level decoder, BPE without an unknown token, special
-tokens <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, and `<s> X </s>` post-processing.
+tokens <s>=0 <pad>=1 </s>=2 <unk>=3 and <mask> last (vocab_size - 1: 50264 for the full 50,265 ids),
+as in roberta-base, and `<s> X </s>` post-processing.
 
 The output directory holds what `transformers.AutoTokenizer.from_pretrained(dir)` needs to give a
 RoBERTa fast tokenizer: tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and
@@ -64,6 +65,25 @@ def build_untrained_tokenizer():
     return tok
 
 
+def with_mask_last(tok):
+    """`tok` with <mask> appended as its last id, in the BPE vocabulary (so vocab.json, the slow
+    tokenizer's file, has it too, as roberta-base's does) and as a special added token that takes
+    the space before it (lstrip: "is <mask>." masks the word with its space, like RoBERTa's)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    mask_id = max(vocab.values()) + 1
+    vocab[SPECIAL_TOKENS["mask"]] = mask_id
+    data["added_tokens"].append({
+        "id": mask_id, "content": SPECIAL_TOKENS["mask"], "single_word": False, "lstrip": True,
+        "rstrip": False, "normalized": False, "special": True,
+    })
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -85,12 +105,11 @@ def train_tokenizer(
         raise UserError(f"--min-frequency: must be >= 1, got {min_frequency}")
     files = resolve_inputs(inputs)
     tok = build_untrained_tokenizer()
-    specials = [
-        AddedToken(SPECIAL_TOKENS[r], special=True, normalized=False, lstrip=(r == "mask"))
-        for r in ("bos", "pad", "eos", "unk", "mask")
-    ]
+    # <s> <pad> </s> <unk> first (the trainer gives them ids 0-3, in order); <mask> is appended after
+    # training so that it takes the last id, as in roberta-base (50264 of 50265).
+    specials = [AddedToken(SPECIAL_TOKENS[r], special=True, normalized=False) for r in ("bos", "pad", "eos", "unk")]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - 1,
         min_frequency=min_frequency,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -105,8 +124,9 @@ def train_tokenizer(
             f"no usable documents in {len(files)} input file(s) ({stats.skipped_empty} empty or "
             "whitespace-only skipped); nothing to train on"
         )
+    tok = with_mask_last(tok)
     ids = special_ids_of(tok, out_dir)
-    expected = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+    expected = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": tok.get_vocab_size(with_added_tokens=True) - 1}
     if ids != expected:  # the trainer puts special tokens first, in order; guard against that changing
         raise UserError(f"internal: trained special ids {ids} differ from {expected}")
     return _write_tokenizer_dir(tok, Path(out_dir), tok.to_str(pretty=True).encode("utf-8"))

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("data_tools.inspect_shards:inspect_main", "counts, length histogram, decode sequence i"),
     "verify": ("data_tools.inspect_shards:verify_main", "full integrity check of a shard set"),
     "merge": ("data_tools.merge_shards:main", "concatenate shard sets made with the same tokenizer"),
+    "adopt-shards": ("data_tools.adopt_shards:main", "verify Megatron-written .bin/.idx and write our manifest"),
     "build-shards-parallel": ("data_tools.build_shards_parallel:main",
                               "one task of an N-way build-shards (a SLURM array), or their merge"),
     "train": ("roberta_ds.train:main", "pretrain under DeepSpeed (run it through a launcher)"),

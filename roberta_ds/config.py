@@ -18,6 +18,7 @@ from typing import Any
 
 from roberta_ds.config_types import coerce, coerce_fields
 from roberta_ds.errors import ConfigError
+from roberta_ds.spike_config import SpikeConfig
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -290,6 +291,8 @@ class TrainConfig:
     """Committed checkpoints to keep (older ones are deleted after a new one is committed)."""
     max_consecutive_skips: int = 10
     """Abort (after saving) when this many optimizer steps in a row had non-finite loss or gradients."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """The loss-spike policy (off, skip, rollback) and its thresholds: roberta_ds/spike_config.py."""
     collective_timeout_s: float = 1800.0
     """A collective that waits longer than this fails the job, naming the ranks that did not arrive."""
     init_from: str | None = None

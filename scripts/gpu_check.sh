@@ -8,7 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || { echo "no wheels in .whl/: see the header"; exit 1; }
+  --target /tmp/site .whl/*.whl || {
+  echo "no wheels in .whl/: run 'bash scripts/gpu_wheels.sh' on a machine with PyPI, then carry .whl/"; exit 1; }
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 log=${OUT:-/tmp}/gpu_check.log

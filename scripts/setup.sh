@@ -10,7 +10,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-deps="import roberta_ds, deepspeed, transformers, megatron.core, pytest"
+deps="import roberta_ds, deepspeed, transformers, megatron.core, pytest, tensorboard"
 if ! .venv/bin/python -c "$deps" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true

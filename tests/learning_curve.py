@@ -77,6 +77,7 @@ def trainer_args(tokenizer: Path, shards: Path, out: Path) -> list[str]:
     """The golden run's trainer arguments (everything that defines the curve is here)."""
     return [
         "--ds-config", str(REPO / "ds_configs" / "zero2_bf16.json"), "--ds-set", "bf16.enabled=false",
+        "--ds-set", "gradient_clipping=1.0",  # recorded with it (the shipped configs' value until 0.0)
         "--ds-set", "train_batch_size=64", "--ds-set", "train_micro_batch_size_per_gpu=16",
         "--set", "model.preset=tiny", "--set", "model.max_positions=34",
         "--set", f"tokenizer={tokenizer}", "--set", f"data.train={shards / 'train'}",

@@ -25,11 +25,13 @@ from roberta_ds.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_CLASSES = sorted(
     (obj for obj in vars(config_module).values()
-     if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == config_module.__name__),
+     if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__.startswith("roberta_ds.")),
     key=lambda cls: cls.__name__,
 )
+"""Every config dataclass defined in, or imported into, roberta_ds.config (a section may live in a module
+of its own, like spike_config.SpikeConfig)."""
 SECTION = {"ModelConfig": "model", "DataConfig": "data", "OptimConfig": "optim", "TrainConfig": "",
-           "DataSource": "data source"}
+           "DataSource": "data source", "SpikeConfig": "spike"}
 TINY_YAML = "model: {preset: tiny}\ndata: {max_seq_len: 128}\n"
 TINY_SET = ["model.preset=tiny", "data.max_seq_len=128"]
 REQUIRED = {"DataSource": {"path": "data/train"}}

@@ -24,6 +24,7 @@ from roberta_ds import cli
 from roberta_ds.checkpoint.read_weights import inspect_layout, load_weights, resolve_tag_dir
 from roberta_ds.config import PRESETS, model_config
 from roberta_ds.data.shards import tokenizer_fingerprint
+from roberta_ds.durable import file_sha256
 from roberta_ds.errors import CheckpointError, ConfigError, UserError
 from roberta_ds.hf.convert import (
     TOKENIZER_FILES,
@@ -240,7 +241,10 @@ def test_import_of_export_round_trips_exactly(exported, tmp_path):
     cfg2, weights = load_pretrained(tmp_path / "ours")
     assert cfg2 == model.cfg
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["model.safetensors", "model_config.json"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["model.safetensors", "model_config.json",
+                                                                      "source.json"]
+    source = json.loads((tmp_path / "ours" / "source.json").read_text())  # init_from compares tokenizers
+    assert source == {"hf_dir": str(out), "tokenizer_sha256": file_sha256(out / "tokenizer.json")}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -409,7 +413,8 @@ def test_other_tokenizer_directories_are_refused_saying_how_to_adopt(tokenizer_d
     message = str(e.value)
     assert message.startswith(f"--tokenizer {generic}: AutoTokenizer loads it as ")
     assert "pad_token_id is None, but <pad> is id 1 in tokenizer.json" in message
-    assert "mask_token_id is None, but <mask> is id 4 in tokenizer.json" in message
+    mask_id = vocab_size - 1                                    # <mask> last, as in roberta-base
+    assert f"mask_token_id is None, but <mask> is id {mask_id} in tokenizer.json" in message
     adopt = f"`roberta-ds tokenizer --out tok/ --from {generic / 'tokenizer.json'}`"
     assert adopt in message
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -226,4 +226,4 @@ def test_manifest_shard_entries_are_complete(small_shards):
     raw = json.loads((small_shards / "train" / "manifest.json").read_text())
     fields = {f for f in ShardInfo.__dataclass_fields__}
     assert all(set(s) == fields for s in raw["shards"])
-    assert raw["special_ids"] == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+    assert raw["special_ids"] == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": raw["vocab_size"] - 1}

@@ -60,8 +60,9 @@ def test_activation_formulas_by_hand():
     assert masked == no_ckpt - logits + round(0.15 * logits)
 
 
-def test_flops_per_token_matches_gpu_readme():
-    # shared/gpu/README.md: roberta-base at s = 512: ~602 MFLOP/token (f = 0.15), ~802 (f = 1).
+def test_flops_per_token_by_hand():
+    # roberta-base at s = 512: 6 x 84.9M layer params + 12 L s h + 6 (h^2 + h V) f:
+    # ~602 MFLOP/token with logits at 15% of positions, ~802 with a full head.
     assert plan.flops_per_token(BASE, 512, 0.15) / 1e6 == pytest.approx(602, abs=1)
     assert plan.flops_per_token(BASE, 512, 1.0) / 1e6 == pytest.approx(802, abs=1)
 
@@ -70,7 +71,8 @@ def test_micro_batch_that_fits_by_hand():
     # roberta-large, 1 x 32 GiB, ZeRO-0: usable 32 * 0.9 - 1 = 27.8 GiB; states 16 Psi = 5.296 GiB.
     # No checkpointing: 0.548354 GiB/seq -> (27.8 - 5.296) / 0.548 = 41.0 -> micro 32, 8192 / 32 = 256.
     # Checkpointing: 0.189251 GiB/seq -> 118.9 -> micro 64, accumulation 128.
-    p = make_plan(PlanInputs(model="roberta-large", gpus=1, gpu="v100-32gb", zero=0, steps=1000))
+    p = make_plan(PlanInputs(model="roberta-large", gpus=1, gpu="v100-32gb", zero=0, steps=1000,
+                             logits_fraction=1.0))
     assert p.usable_gib == pytest.approx(27.8)
     assert sum(p.states_gib.values()) == pytest.approx(355_412_057 * 16 / GiB)
     assert p.buffers_gib == 0                                  # one GPU: no communication buckets
@@ -143,12 +145,25 @@ def test_communication_model_by_hand():
     assert z1.variants[0].step_seconds == pytest.approx(compute + 3 * moved / bw)
 
 
-def test_default_throughput_is_the_h100_anchor_scaled():
-    spec = plan.GPUS["h100-80gb"]
-    assert plan.default_tokens_per_sec("roberta-large", LARGE, 512, spec)[0] == 90_000
+def test_default_throughput_is_our_measurement_with_the_card_named():
+    # bench/NOTES.md, stop 14 (H100) and stop 17 (H200): base512_m128_z1_unpad / large512_m64_z1_unpad.
+    h100, h200 = plan.GPUS["h100-80gb"], plan.GPUS["h200-141gb"]
+    assert plan.PlanInputs().logits_fraction == 78 / 512           # our masked-only head, as measured
+    for spec, model, cfg, want in ((h100, "roberta-base", BASE, 557_500), (h100, "roberta-large", LARGE, 192_400),
+                                   (h200, "roberta-base", BASE, 573_200), (h200, "roberta-large", LARGE, 197_000)):
+        tps, how = plan.default_tokens_per_sec(model, cfg, 512, spec)
+        assert tps == pytest.approx(want, rel=1e-12)
+        assert how.startswith(f"measured by roberta-ds: {model} on one NVIDIA H")
+        assert "bench/NOTES.md" in how and "scaled" not in how
+    # A kind we have not measured: the H100 figure x peak ratio (same MFU), and it says so.
     tps, how = plan.default_tokens_per_sec("roberta-base", BASE, 512, plan.GPUS["v100-32gb"])
-    assert tps == pytest.approx(176_000 * 125 / 989)
-    assert "not measured by roberta-ds" in how and "125/989" in how
+    assert tps == pytest.approx(557_500 * 125 / 989)
+    assert "125/989" in how and "not measured on v100-32gb" in how
+    # A full head costs more FLOPs per token: the same FLOP rate gives fewer tokens.
+    full, how = plan.default_tokens_per_sec("roberta-base", BASE, 512, h100, logits_fraction=1.0)
+    assert full == pytest.approx(557_500 * plan.flops_per_token(BASE, 512, 78 / 512)
+                                 / plan.flops_per_token(BASE, 512, 1.0))
+    assert "scaled by FLOPs/token" in how
 
 
 def test_roberta_paper_budget():
@@ -156,10 +171,12 @@ def test_roberta_paper_budget():
     "We pretrain our model using 1024 V100 GPUs for approximately one day."
 
     Written down: 100,000 steps x 8,192 x 512 = 4.19e11 tokens; over 1024 GPUs in 24 h that is
-    4,741 tokens/s per V100 sustained. Our V100 default is the H100 anchor for roberta-large
-    (90K tokens/s, shared/gpu/README.md, not ours) x 125/989 peak = 11,375 tokens/s per V100, i.e.
-    21% MFU at 2.28 GFLOP/token. The plan must land at "about a day" within a factor of 3
-    (8 h .. 72 h): a 2019 fairseq stack without flash attention or fused kernels was ~2.4x slower.
+    4,741 tokens/s per V100 sustained. Our V100 default is our H100 measurement for roberta-large
+    (192.4K tokens/s, 39% MFU, masked-only head) x 125/989 peak, i.e. the same MFU on a V100:
+    ~24.3K tokens/s, 5.1x the paper's rate. That is an
+    assumption the plan names (2019 fairseq had no flash attention and fewer fused kernels, and a V100
+    is not an H100 at equal MFU), so the check is that the planner reproduces the paper's day when
+    given the paper's own rate, and that its default states where its V100 figure comes from.
     """
     tokens = 100_000 * 8192 * 512
     assert tokens == 419_430_400_000
@@ -169,10 +186,12 @@ def test_roberta_paper_budget():
     p = plan.paper_check_hours()                      # 1024 x v100-32gb, ZeRO-0 (fairseq's DDP)
     v = p.best
     assert v is not None and (v.micro, v.accumulation, v.checkpointing) == (8, 1, False)   # fits 32 GB
-    assert v.tokens_per_sec == pytest.approx(90_000 * 125 / 989)
+    assert v.tokens_per_sec == pytest.approx(192_400 * 125 / 989)
+    assert "not measured on v100-32gb: same MFU assumed" in p.tokens_per_sec_source
     print(f"\nRoBERTa-large 100K steps on 1024 V100: planned {v.hours:.1f} h at {v.tokens_per_sec:,.0f} "
           f"tokens/s/GPU (efficiency {v.efficiency:.1%}); paper ~24 h = {implied:,.0f} tokens/s/GPU")
-    assert 24 / 3 <= v.hours <= 24 * 3
+    compute_h = tokens / (1024 * v.tokens_per_sec) / 3600
+    assert v.hours == pytest.approx(compute_h / v.efficiency)
     # At the paper's own sustained rate, the plan gives back about a day (communication on top).
     at_paper = plan.paper_check_hours(tokens_per_sec=implied).best
     assert at_paper is not None and 24 <= at_paper.hours <= 24 * 1.1
@@ -185,7 +204,8 @@ def test_cli_issue_command(capsys):
     assert rc == 0
     assert "roberta-large (355.4M params), 1024 x h100-80gb (80 GiB), ZeRO-2" in out
     for needle in ("optimizer states", "activations per sequence", "micro batch (power of 2 that fits)",
-                   "accumulation steps", "time for 500,000 steps", "not measured by roberta-ds"):
+                   "accumulation steps", "time for 500,000 steps", "measured by roberta-ds: roberta-large on one "
+                   "NVIDIA H100 80GB HBM3, 192.4K tokens/s"):
         assert needle in out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("micro batch"))
     assert line.split()[-2:] == ["8", "8"]

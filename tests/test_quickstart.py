@@ -154,3 +154,53 @@ def test_bad_inputs_are_refused_before_training(builtin_run: Run, tmp_path: Path
     other = quickstart(builtin_run.out, "--corpus", str(tmp_path / "one.txt"), "--steps", str(BUILTIN_STEPS))
     assert other.returncode == 1 and "made by an earlier quickstart from other inputs" in other.output
     assert "pass --fresh" in other.output and "=== 2/6" not in other.output
+
+
+# The README's three output blocks (quickstart-console, -summary, -fill) are copies of a 1,000-step run;
+# each of their lines must have the form of a line this run prints, so the README cannot drift from the
+# code's output. What varies between runs (numbers, quoted tokens, paths, the outcome words) is a
+# wildcard; everything else must be printed verbatim.
+_VARIES = re.compile(r"""
+    (?P<outcome>the\ model\ uses\ context|goal\ not\ reached)
+  | (?P<side>\bbelow\b|\bABOVE\b)
+  | (?P<rank>\((?:not\ in\ the\ top\ 5|\#\d\ of\ the\ model's\ top\ 5)\))
+  | (?P<rest>\ \|\ \.\.\.$)
+  | (?P<quoted>'[^']*'|"[^"]*")
+  | (?P<path>(?<=\s)/\S+)
+  | (?P<number>[-+]?\d[\d,.]*)
+""", re.X)
+_WILD = {"outcome": "(?:the model uses context|goal not reached)", "side": "(?:below|ABOVE)",
+         "rank": r"\((?:not in the top 5|#\d of the model's top 5)\)", "rest": r" \| .*",
+         "quoted": r"""(?:'[^']*'|"[^"]*")""", "path": r"/\S+", "number": r"[-+]?\d[\d,.]*"}
+
+
+def readme_line_form(line: str) -> str:
+    """A regex matching every printed line of `line`'s form (see above)."""
+    out, pos = [], 0
+    for m in _VARIES.finditer(line):
+        out += [re.escape(line[pos:m.start()]), _WILD[m.lastgroup]]
+        pos = m.end()
+    # A goal not reached adds its advice after a semicolon.
+    advice = "(?:; .*)?" if _VARIES.match(line) and _VARIES.match(line).lastgroup == "outcome" else ""
+    return "".join([*out, re.escape(line[pos:]), advice])
+
+
+def test_readme_line_form_tells_forms_apart() -> None:
+    form = readme_line_form("MLM accuracy     22.42%: 5.99x the top-1 baseline 3.74% (always the most frequent token)")
+    assert re.fullmatch(form, "MLM accuracy     8.10%: 2.17x the top-1 baseline 3.74% (always the most frequent token)")
+    assert not re.fullmatch(form, "MLM accuracy 8.10%: 2.17x the top-1 baseline 3.74%")
+    held = readme_line_form("    held-out word 'get' (not in the top 5): 'to' (0.08), 'and' (0.07)")
+    assert re.fullmatch(held, "    held-out word 'the' (#1 of the model's top 5): 'the' (0.57), 'a' (0.13)")
+    assert not re.fullmatch(held, "    held-out word 'the': 'the' (0.57), 'a' (0.13)")
+
+
+@pytest.mark.parametrize("name", ["quickstart-console", "quickstart-summary", "quickstart-fill"])
+def test_readme_outputs_have_the_runs_form(builtin_run: Run, name: str) -> None:
+    from readme_blocks import readme_block
+
+    printed = builtin_run.output.splitlines()
+    for line in readme_block(name).text.splitlines():
+        form = readme_line_form(line)
+        if "<mask>" in line and not line.startswith(" "):
+            form = r"\S.*<mask>.*"  # a held-out sentence: which ones depends on the corpus's validation split
+        assert any(re.fullmatch(form, p) for p in printed), f"README line {line!r} is printed by no line of the run"

@@ -33,6 +33,17 @@ def test_settings_make_a_valid_train_config_whose_model_they_describe(small_toke
     assert "0.68M parameters" in text and "These differ from the RoBERTa recipe" in text
 
 
+def test_quickstart_clips_where_the_shipped_config_does_not() -> None:
+    from roberta_ds.engine.ds_config import batch_plan, load_ds_config
+    from roberta_ds.quickstart.settings import DS_CONFIG
+
+    assert load_ds_config(DS_CONFIG)["gradient_clipping"] == 0.0        # the RoBERTa recipe: no clipping
+    ds = load_ds_config(DS_CONFIG, QuickstartSettings().ds_overrides(2, gpus=False)[1::2])
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False   # as its curves were measured
+    plan = batch_plan(ds, 2)
+    assert (plan.global_batch, plan.micro_batch, plan.grad_accum) == (128, 64, 1)
+
+
 def test_settings_refuse_bad_values_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match="quickstart --ranks 3: must divide the global batch of 128"):
         QuickstartSettings().micro_batch(3)

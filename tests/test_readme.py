@@ -62,14 +62,21 @@ class Exempt:
 
 HERE = "tests/test_readme.py"
 TEMPLATES = "tests/test_slurm_templates.py"
+QUICKSTART = "tests/test_quickstart.py"
 BLOCKS: dict[str, Checked | Exempt] = {
     "quickstart": Checked((
         Run(".ci/run", (1,), "`./scripts/setup.sh` is the first half of CI's command",
             "./scripts/setup.sh &&"),
-        Run("tests/test_quickstart.py::test_quickstart_end_to_end", (1,),
-            "`roberta-ds quickstart --steps 60 --out <tmp>` (the README's default is 300 steps)",
+        Run("tests/test_quickstart.py::test_builtin_corpus_end_to_end", (1,),
+            "`roberta-ds quickstart --steps 150 --out <tmp>` (the README's default is 1,000 steps)",
             '"quickstart", "--out"'),
     )),
+    "quickstart-console": Checked((Run(f"{QUICKSTART}::test_readme_outputs_have_the_runs_form", (),
+                         "each line's form against the 150-step run's output", '"quickstart-console"'),)),
+    "quickstart-summary": Checked((Run(f"{QUICKSTART}::test_readme_outputs_have_the_runs_form", (),
+                         "each line's form against the 150-step run's output", '"quickstart-summary"'),)),
+    "quickstart-fill": Checked((Run(f"{QUICKSTART}::test_readme_outputs_have_the_runs_form", (),
+                         "each line's form against the 150-step run's output", '"quickstart-fill"'),)),
     "test-suite": Checked((Run(".ci/run", (1,), "CI runs exactly this line on a fresh clone"),)),
     "data": Checked((Run(f"{HERE}::test_data_commands", (1, 2, 3, 4, 5, 6, 7),
                          "vocabulary 2,048, 2 workers; `/path/roberta-base` is the suite's tokenizer, "
@@ -94,6 +101,11 @@ BLOCKS: dict[str, Checked | Exempt] = {
         Run(f"{TEMPLATES}::test_deepspeed_launcher_template_runs_from_its_hostfile", (2,),
             "2 ranks, preempted"),
         Run(f"{TEMPLATES}::test_preprocess_array_and_merge_equal_build_shards", (3,), "an array of 3 tasks"),
+    )),
+    "continued-pretraining": Checked((
+        Run("tests/test_init_from.py::test_continued_pretraining_recipe", (1, 2, 3, 4),
+            "`roberta-base/` a tiny transformers model with the suite's tokenizer, `domain/` a quarter of "
+            "the built-in corpus, 2 workers; 2 CPU ranks, fp32, 2 steps, dropout 0"),
     )),
     "plan": Checked((Run(f"{HERE}::test_plan_commands", (1, 2), "as written (the planner needs no GPU)",
                          '"plan": [['),)),

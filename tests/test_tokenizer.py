@@ -32,7 +32,9 @@ def test_trained_files_and_info(small_tokenizer):
     assert HF_FILES <= {p.name for p in small_tokenizer.iterdir()}
     info = load_tokenizer_info(small_tokenizer)
     assert info.vocab_size == 2048
-    assert info.special_ids == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
+    # RoBERTa's layout: <mask> takes the last id (roberta-base: 50264 of 50265), in vocab.json too.
+    assert info.special_ids == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 2047}
+    assert json.loads((small_tokenizer / "vocab.json").read_text())["<mask>"] == 2047
     assert info.sha256 == tokenizer_fingerprint(small_tokenizer)
     assert load_tokenizer_info(small_tokenizer / "tokenizer.json") == info
     tok = load_tokenizer(small_tokenizer)
@@ -53,7 +55,7 @@ def test_autotokenizer_loads_roberta_fast(small_tokenizer, builtin_corpus):
         1,
         2,
         3,
-        4,
+        2047,
     )
     assert len(hf) == 2048
     tok = load_tokenizer(small_tokenizer)
@@ -64,7 +66,10 @@ def test_autotokenizer_loads_roberta_fast(small_tokenizer, builtin_corpus):
         plain = hf(text, add_special_tokens=False)["input_ids"]
         assert hf.decode(plain) == text, "byte-level BPE must round-trip text exactly"
     masked = hf("The answer is <mask>.")["input_ids"]
-    assert 4 in masked
+    assert masked[-3:] == [2047, hf.convert_tokens_to_ids("."), 2]  # lstrip: the space goes with <mask>
+    assert tok.encode("The answer is <mask>.").ids == masked
+    slow = AutoTokenizer.from_pretrained(str(small_tokenizer), use_fast=False)  # vocab.json + merges.txt
+    assert slow("The answer is <mask>.")["input_ids"] == masked
 
 
 def test_training_is_deterministic_and_streams_gz(tmp_path, builtin_corpus):

@@ -7,10 +7,7 @@ tiny preset over the session's small tokenizer and shards. A launch of 2 ranks c
 - resume equivalence (fp32/bf16 x ZeRO-1/2/3, accumulation 2, dropout on): ONE straight run of
   2K steps that also commits step K, and ONE run resumed in fresh processes from a copy of its
   output directory rolled back to step K; losses and final fp32 parameters must be bitwise equal;
-- one fp32, dropout-0 straight run on 2 ranks x 1 micro-batch (module fixture) serves two tests:
-  the same global batch as 1 rank x 2 accumulation steps gives the same update, and a resume of
-  its step-K checkpoint on 1 rank (through DeepSpeed's universal checkpoint) continues with the
-  same samples (its loss and parameters at step K+1 match the 2-rank run's);
+- world-size changes (and 1 rank x accumulation against 2 ranks) are test_world_size_resume.py's;
 - loss falls (torchrun launcher, with validation), NaN on one rank skipped by both, a signal to
   one rank gives one collective checkpoint and exit 75, an indivisible global batch is refused.
 
@@ -20,14 +17,12 @@ Steps: the metrics' `step` is optimizer steps done; fault filters (ROBERTA_DS_FA
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from launch import Result, run_trainer, tiny_args
+from launch import Result, rolled_back_copy, run_trainer, tiny_args
 
 from roberta_ds.checkpoint import commit as ckpt
 
@@ -70,22 +65,6 @@ def _max_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _rolled_back_copy(src: Path, dst: Path, step: int) -> Path:
-    """`src` as it was when the run stopped right after committing `step`: later checkpoints gone,
-    `latest` naming `step`, metrics.jsonl cut after `step` (a resumed run appends to it)."""
-    shutil.copytree(src, dst)
-    ckpt_dir = dst / "checkpoints"
-    for d in ckpt_dir.iterdir():
-        s = ckpt.step_of(d.name)
-        if d.is_dir() and (s is None or s > step):
-            shutil.rmtree(d)
-    (ckpt_dir / ckpt.POINTER_NAME).write_text(ckpt.tag_for(step))
-    lines = (dst / "metrics.jsonl").read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    return dst
-
-
 def straight_and_resumed(args, tmp_path: Path, step: int, *, ranks: int, precision: str,
                          stage: int) -> tuple[Result, Result, Path]:
     """A straight run (it commits `step`), and a run resumed in fresh processes from a copy of its
@@ -93,7 +72,7 @@ def straight_and_resumed(args, tmp_path: Path, step: int, *, ranks: int, precisi
     `args(out)` gives the trainer arguments for an output directory."""
     straight = _ok(run_trainer(args(tmp_path / "straight"), ranks=ranks, timeout=300))
     assert f"x world {ranks}; {precision}, ZeRO-{stage}" in straight.output
-    resumed_dir = _rolled_back_copy(straight.out_dir, tmp_path / "resumed", step)
+    resumed_dir = rolled_back_copy(straight.out_dir, tmp_path / "resumed", step)
     resumed = _ok(run_trainer(args(resumed_dir), ranks=ranks, timeout=300))
     assert f"resumed from {_tag_dir(resumed_dir, step)} at step {step}" in resumed.output
     return straight, resumed, resumed_dir
@@ -148,97 +127,6 @@ def test_resume_is_bitwise_equal_to_straight_run(
     final_a, final_b = _weights(_tag_dir(straight.out_dir, 2 * K)), _weights(_tag_dir(resumed_dir, 2 * K))
     _assert_bitwise_equal(final_a, final_b, f"{precision} ZeRO-{stage}: final parameters after resume")
     assert _max_change(final_a, _weights(_tag_dir(straight.out_dir, K))) > 1e-5  # steps K+1..2K did update
-
-
-# ----------------------------------------------------------------------------------------------
-# World-size changes: 2 ranks x 1 micro-batch, 1 rank x 2 accumulation steps (fp32, no dropout)
-
-STEPS_2R = 3
-
-
-def _fp32_args(tokenizer: Path, shards: Path, out: Path, steps: int) -> list[str]:
-    # global batch 2: micro 1 x accumulation 1 x 2 ranks, or micro 1 x accumulation 2 x 1 rank
-    return tiny_args(
-        tokenizer,
-        shards,
-        out,
-        steps=steps,
-        ds_config="zero2_bf16",
-        global_batch=2,
-        micro=1,
-        extra=FP32 + NO_DROPOUT + KEEP_ALL + ["--set", "save_interval=1"],
-    )
-
-
-@pytest.fixture(scope="module")
-def two_rank_fp32_run(
-    small_tokenizer: Path, small_shards: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Result:
-    """2 ranks x micro 1, fp32 ZeRO-2, dropout 0, STEPS_2R steps, a checkpoint at every step."""
-    out = tmp_path_factory.mktemp("two_rank_fp32") / "run"
-    res = _ok(run_trainer(_fp32_args(small_tokenizer, small_shards, out, STEPS_2R), ranks=2, timeout=240))
-    assert "micro 1 x accumulation 1 x world 2; fp32, ZeRO-2" in res.output
-    return res
-
-
-def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert sorted(a) == sorted(b), what
-    for k, t in a.items():
-        torch.testing.assert_close(t, b[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{what}: {k}: {m}")
-
-
-def test_two_ranks_equal_one_rank_with_accumulation(
-    two_rank_fp32_run: Result, small_tokenizer: Path, small_shards: Path, tmp_path: Path
-) -> None:
-    """The same global batch (2 samples) as 2 ranks x 1 micro or 1 rank x 2 accumulation: same updates."""
-    one = _ok(
-        run_trainer(_fp32_args(small_tokenizer, small_shards, tmp_path / "one", 2), ranks=1, timeout=240)
-    )
-    assert "micro 1 x accumulation 2 x world 1; fp32, ZeRO-2" in one.output
-    two_losses, one_losses = two_rank_fp32_run.losses(), one.losses()
-    for step in (1, 2):
-        assert one_losses[step] == pytest.approx(two_losses[step], rel=1e-6), f"step {step}"
-        _assert_close(
-            _weights(_tag_dir(one.out_dir, step)),
-            _weights(_tag_dir(two_rank_fp32_run.out_dir, step)),
-            f"parameters after step {step}",
-        )
-    # The tolerance is far below one step's update, so a different batch or a lost micro-batch shows.
-    step_change = _max_change(_weights(_tag_dir(one.out_dir, 2)), _weights(_tag_dir(one.out_dir, 1)))
-    assert step_change > 1e-4
-
-
-def test_resume_two_ranks_to_one_through_universal_checkpoint(
-    two_rank_fp32_run: Result, small_tokenizer: Path, small_shards: Path, tmp_path: Path
-) -> None:
-    """2 ranks -> 1 rank: converted to DeepSpeed's universal format, then the same samples follow.
-
-    Checked: the resumed run's first step consumes samples [K*B, (K+1)*B) of the global order, seen
-    as `samples_consumed` = (K+1)*B and, with dropout 0 in fp32, as a loss equal (1e-6 relative)
-    to the 2-rank run's loss at that step (other samples give losses ~1e-2 apart). Its parameters
-    after the step match the 2-rank run's too, which needs the Adam moments carried over as well.
-    """
-    k = STEPS_2R - 1
-    src = two_rank_fp32_run.out_dir
-    dst = _rolled_back_copy(src, tmp_path / "resumed", k)
-    one = _ok(run_trainer(_fp32_args(small_tokenizer, small_shards, dst, STEPS_2R), ranks=1, timeout=240))
-    assert "world size changed (2 -> 1)" in one.output
-    assert f"resumed from {_tag_dir(dst, k)} at step {k} (universal checkpoint)" in one.output
-    assert (dst / "checkpoints" / f"{ckpt.tag_for(k)}{ckpt.UNIVERSAL_SUFFIX}").is_dir()
-
-    ref = {r["step"]: r for r in two_rank_fp32_run.metrics()}
-    new = [r for r in one.metrics() if r["step"] > k]
-    assert [r["step"] for r in new] == [STEPS_2R]
-    assert new[0]["samples_consumed"] == ref[STEPS_2R]["samples_consumed"] == STEPS_2R * 2
-    assert new[0]["loss"] == pytest.approx(ref[STEPS_2R]["loss"], rel=1e-6)
-    assert abs(ref[STEPS_2R]["loss"] - ref[k]["loss"]) > 1e-3  # a neighbouring batch would not pass
-    meta = ckpt.read_meta(_tag_dir(dst, STEPS_2R))
-    assert (meta["world_size"], meta["grad_accum"], meta["samples_consumed"]) == (1, 2, STEPS_2R * 2)
-    _assert_close(
-        _weights(_tag_dir(dst, STEPS_2R)),
-        _weights(_tag_dir(src, STEPS_2R)),
-        f"parameters after step {STEPS_2R} (1 rank resumed vs 2 ranks straight)",
-    )
 
 
 # ----------------------------------------------------------------------------------------------

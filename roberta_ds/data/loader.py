@@ -24,6 +24,7 @@ import torch
 
 from roberta_ds.config import DataConfig, DataSource
 from roberta_ds.data.masking import MaskingCollator, MaskSpec, mask_slots
+from roberta_ds.data.order import DataOrder
 from roberta_ds.data.reading import ShardFile, Source, open_source, read_rows
 from roberta_ds.data.sampling import Blend, micro_batch_indices
 from roberta_ds.data.shards import Manifest, read_manifest
@@ -134,15 +135,16 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         micro_batch: int,
         grad_accum: int,
         start_step: int,
+        order: DataOrder,
     ) -> None:
-        self.data, self.collator = data, collator
+        self.data, self.collator, self.order = data, collator, order
         self.rank, self.world_size = rank, world_size
         self.micro_batch, self.grad_accum, self.start_step = micro_batch, grad_accum, start_step
 
     def indices(self, i: int) -> np.ndarray:
         step, micro_step = divmod(self.start_step * self.grad_accum + i, self.grad_accum)
         return micro_batch_indices(
-            step,
+            self.order.batch_at(step),  # the step's global batch: `step` unless the order moved
             micro_step,
             self.rank,
             micro_batch=self.micro_batch,
@@ -187,8 +189,10 @@ def train_loader(
     word_starts: np.ndarray | None = None,
     pin_memory: bool = False,
     unpad: bool = False,
+    order: DataOrder = DataOrder(),
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches in order, forever: step `start_step` micro-step 0 first.
+    """This rank's micro-batches in order, forever: step `start_step` micro-step 0 first. Step s takes
+    global batch `order.batch_at(s)` (s itself in the plain order).
 
     Each is {input_ids (B, T), mlm_positions (B, K), mlm_labels (B, K), sample_index (B,),
     num_tokens (), and with `unpad` unpad_index (N,)}, all int64, B = micro_batch,
@@ -214,6 +218,7 @@ def train_loader(
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         start_step=start_step,
+        order=order,
     )
     workers = cfg.num_workers
     loader = torch.utils.data.DataLoader(

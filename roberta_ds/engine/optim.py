@@ -60,7 +60,8 @@ class GuardedAdamW(torch.optim.AdamW):
     rank takes the same decision, and the update is skipped everywhere: parameters and optimizer
     state stay bitwise unchanged (AdamW's step counter included). With the fused kernel the skip
     happens on device via `found_inf` (the mechanism torch's GradScaler uses), with no host sync.
-    `skipped` holds the decision of the last step as a device tensor (1.0 = skipped).
+    `skipped` holds the decision of the last step as a device tensor (1.0 = skipped). `veto`, when
+    set (spike.SpikeGuard), may call a step bad for other reasons; its answer joins the same flag.
     """
 
     def __init__(self, params: Iterable, *, all_reduce_max: Callable[[torch.Tensor], None] | None = None,
@@ -68,6 +69,7 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self._all_reduce_max = all_reduce_max
         self.skipped = torch.zeros(())
+        self.veto: Callable[[], bool] | None = None
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - see the class docstring
@@ -77,6 +79,8 @@ class GuardedAdamW(torch.optim.AdamW):
         flag = _any_nonfinite(grads)
         if grads:
             flag = flag.to(grads[0].device)
+        if self.veto is not None and self.veto():
+            flag = torch.ones_like(flag)
         if self._all_reduce_max is not None:
             self._all_reduce_max(flag)
         self.skipped = flag

@@ -14,6 +14,7 @@ import torch
 
 from roberta_ds.comm import Comm
 from roberta_ds.config import TrainConfig
+from roberta_ds.data.order import DataOrder
 from roberta_ds.engine.ds_config import BatchPlan
 from roberta_ds.engine.optim import GuardedAdamW
 from roberta_ds.launch.dist import DistEnv
@@ -41,6 +42,11 @@ class Runtime:
     tokens_seen: int | None = 0
     """Real (non-padding) tokens consumed by every rank so far; None after resuming from a checkpoint
     that predates the count (it is then not reported)."""
+    order: DataOrder = DataOrder()
+    """Which global batch each step takes (data_order.py): restarted by --allow-data-change, with
+    batches skipped by a spike rollback."""
+    spike_state: dict[str, Any] | None = None
+    """The spike policy's state from the checkpoint resumed from (spike.SpikeGuard.state())."""
 
 
 def release_shm_buffers(rank: int) -> None:

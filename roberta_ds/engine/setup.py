@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.checkpoint.universal_load import hyperparameters, repair_zero3_universal_load
 from roberta_ds.comm import Comm, make_all_reduce_max
 from roberta_ds.config import (
     TrainConfig,
@@ -76,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="auto (newest committed checkpoint in output_dir, if any), none, or a checkpoint path")
     p.add_argument("--resume-fallback", action="store_true",
                    help="if the chosen checkpoint fails verification, use the newest earlier complete one")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data settings that fix the sample order changed (train sets, "
+                        "weights, max_seq_len, packing, seed); the new order starts at the saved step")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -127,6 +131,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
     from roberta_ds.checkpoint.resume import check_compatible, plan_resume
     from roberta_ds.data.loader import open_train_data
+    from roberta_ds.data.order import DataOrder, check_data_unchanged, data_identity, resumed_order
     from roberta_ds.data.tokenizer import load_tokenizer_info
     from roberta_ds.model.model import RobertaMLM
 
@@ -175,10 +180,12 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     comm.agree_error(_hold_output_dir(out, cfg.lock_timeout_s, comm.rank))
     ckpt_dir = out / "checkpoints"
     model_dict = config_to_dict(cfg.model)
+    identity = data_identity(cfg.data, [s.manifest for s in data.sources])
 
     def check(c: ckpt.Committed) -> None:
         check_compatible(c.meta, model=model_dict, tokenizer_sha256=tok.sha256,
                          global_batch=plan.global_batch, where=c.path)
+        check_data_unchanged(c.meta, identity, allow=args.allow_data_change, where=c.path)
 
     point = plan_resume(ckpt_dir, args.resume, args.resume_fallback, comm, zero_stage=zero_stage(ds),
                         check=check, log=dist.print0)
@@ -187,13 +194,10 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = RobertaMLM(cfg.model)
-    if cfg.init_from and point is None:
-        from roberta_ds.hf.convert import load_pretrained
+    if cfg.init_from and point is None:  # a resumed run takes its weights from the checkpoint
+        from roberta_ds.hf.init_check import load_init
 
-        init_cfg, state = load_pretrained(cfg.init_from)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"init_from {cfg.init_from}: missing {missing}, unexpected {unexpected}")
+        dist.print0(f"[roberta-ds] {load_init(model, cfg.model, cfg.init_from, tok.sha256)}")
     if cfg.compile:
         try:  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
             model = torch.compile(model, options=inductor_options(cfg.compile_options) or None)
@@ -220,8 +224,9 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     np.random.seed((cfg.seed * 100_003 + 1 + env.rank) % 2**32)
     random.seed(cfg.seed * 100_003 + 1 + env.rank)
 
-    step, skipped_total, rng_state, tokens_seen = 0, 0, None, 0
+    step, skipped_total, rng_state, tokens_seen, order, spike_state = 0, 0, None, 0, DataOrder(), None
     if point is not None:
+        hyper = hyperparameters(optimizer)  # this run's per-group settings, before DeepSpeed loads anything
         loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
@@ -229,16 +234,22 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         step = int(point.chosen.meta["step"])
         skipped_total = int(point.chosen.meta.get("skipped_steps", 0))
         tokens_seen = point.chosen.meta.get("tokens_seen")
+        if point.universal:  # DeepSpeed's ZeRO-3 universal load mixes up groups' steps and settings
+            repair_zero3_universal_load(engine, hyper, adam_steps=step - skipped_total)
         rng = point.chosen.path / ckpt.rng_file(env.rank)
         if not point.universal and rng.is_file():
             rng_state = json.loads(rng.read_text())
         dist.print0(f"[roberta-ds] resumed from {point.chosen.path} at step {step}"
                     + (" (universal checkpoint)" if point.universal else ""))
+        order, data_note = resumed_order(point.chosen.meta, identity)
+        if data_note:
+            dist.print0(f"[roberta-ds] {data_note}")
+        spike_state = point.chosen.meta.get("spike")
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _copy_tokenizer(cfg.tokenizer, out)
     return Runtime(cfg, ds, plan, env, device, engine, optimizer, data, tok.sha256, step, skipped_total, out,
-                   rng_state, tokens_seen)
+                   rng_state, tokens_seen, order, spike_state)
 
 
 def _hold_output_dir(out: Path, timeout_s: float, rank: int) -> str | None:

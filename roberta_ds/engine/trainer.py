@@ -19,13 +19,15 @@ import torch
 from roberta_ds.checkpoint import commit as ckpt
 from roberta_ds.comm import all_reduce, comm_device
 from roberta_ds.config import config_to_dict
+from roberta_ds.data.order import data_identity
 from roberta_ds.engine.comm_report import CommMeter, comms_logging, summary_line
 from roberta_ds.engine.ds_config import precision, zero_stage
 from roberta_ds.engine.metrics import MetricsSink, Window, console_line, flops_per_token, mfu, peak_tflops
 from roberta_ds.engine.optim import lr_at
 from roberta_ds.engine.runtime import Runtime
+from roberta_ds.engine.spike import SpikeGuard, action
 from roberta_ds.launch import dist
-from roberta_ds.launch.faults import Faults
+from roberta_ds.launch.faults import Faults, spike_factor
 from roberta_ds.launch.signals import StopFlag, children_ignore_stop_signals
 from roberta_ds.launch.watchdog import Progress
 
@@ -52,6 +54,8 @@ def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
         "tokens_seen": rt.tokens_seen,
         "consecutive_skips": consecutive_skips,
         "data": config_to_dict(cfg.data),
+        "data_identity": data_identity(cfg.data, [s.manifest for s in rt.data.sources]),  # data_order.py
+        "data_order": rt.order.to_json(),
     }
 
 
@@ -149,7 +153,7 @@ class StepTimes:
 
 class Trainer:
     def __init__(self, rt: Runtime, stop: StopFlag, faults: Faults, *, timed: bool = False) -> None:
-        from roberta_ds.data.loader import mask_slots, train_loader, valid_batches
+        from roberta_ds.data.loader import mask_slots, valid_batches
         from roberta_ds.data.tokenizer import word_start_table
 
         self.rt, self.stop, self.faults, self.timed = rt, stop, faults, timed
@@ -157,11 +161,8 @@ class Trainer:
         self.sink = MetricsSink(rt.out, enabled=env.rank == 0, tensorboard=cfg.tensorboard)
         self.progress = Progress(env.rank, env.world_size)
         word_starts = word_start_table(cfg.tokenizer) if cfg.data.whole_word_mask else None
-        with children_ignore_stop_signals():  # the DataLoader's workers start here
-            self.loader = iter(train_loader(rt.data, cfg.data, rank=env.rank, world_size=env.world_size,
-                                            micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-                                            start_step=rt.step, word_starts=word_starts,
-                                            pin_memory=rt.device.type == "cuda", unpad=cfg.model.unpad))
+        self.word_starts = word_starts
+        self.loader = self._open_loader()
         self.valid = []
         if cfg.data.valid and cfg.eval_batches:
             self.valid = list(valid_batches(cfg.data, rank=env.rank, world_size=env.world_size,
@@ -173,6 +174,11 @@ class Trainer:
         name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
         self.peak = cfg.peak_tflops or peak_tflops(name)
         self.comm_dev = comm_device(rt.device)
+        self.spike = SpikeGuard(cfg.spike, rt.engine, rt.optimizer, self.comm_dev, rt.spike_state)  # spike.py
+        self.rollback_due: tuple[int, list[str]] | None = None
+        self.data_batch = rt.order.batch_at(rt.step)  # logged as `data_batch`: the last step's global batch
+        if self.spike.norm_note:
+            dist.print0(f"[roberta-ds] {self.spike.norm_note}")
         if rt.rng_state is not None:
             # Last before the first step: creating the DataLoader iterator draws from the global RNG.
             ckpt.restore_rng(rt.rng_state)
@@ -182,9 +188,25 @@ class Trainer:
         self.consecutive_skips = 0
         self.last_saved = rt.step if rt.step > 0 else -1
         self.times = StepTimes()
-        self.lr = lr_at(rt.step, cfg.optim)
+        self.lr = lr_at(rt.step, cfg.optim) * self.spike.lr_factor
         self.comm = CommMeter(env.world_size) if comms_logging(rt.ds) else None  # comm_report.py
         self.progress.start_heartbeat()  # lets a failing peer tell a dead or frozen rank from a slow one
+
+    def _open_loader(self) -> Any:
+        from roberta_ds.data.loader import train_loader
+
+        rt, plan = self.rt, self.rt.plan
+        with children_ignore_stop_signals():  # the DataLoader's workers start here
+            return iter(train_loader(rt.data, rt.cfg.data, rank=rt.env.rank, world_size=rt.env.world_size,
+                                     micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                                     start_step=rt.step, word_starts=self.word_starts,
+                                     pin_memory=rt.device.type == "cuda", unpad=rt.cfg.model.unpad,
+                                     order=rt.order))
+
+    def reopen_loader(self) -> None:
+        """Restart the loader at rt.step on rt.order (after a spike rollback)."""
+        self.loader.close()
+        self.loader = self._open_loader()
 
     # -- one optimizer step -----------------------------------------------------------------
 
@@ -202,11 +224,14 @@ class Trainer:
 
     def _backward(self, loss: torch.Tensor, step: int, last_micro: bool) -> None:
         engine = self.rt.engine
-        if self.faults.active and last_micro and self.faults.at("grad", step) == "inf":
+        value = self.faults.at("grad", step) if self.faults.active and last_micro else None
+        if value == "inf":
             param = next(p for p in engine.module.parameters() if p.requires_grad)
             hook = param.register_hook(lambda g: torch.full_like(g, float("inf")))
             engine.backward(loss)
             hook.remove()
+        elif spike_factor(value):  # an injected gradient spike: every gradient x factor, the loss as it was
+            engine.backward(loss * spike_factor(value))
         else:
             engine.backward(loss)
 
@@ -216,16 +241,21 @@ class Trainer:
         step = rt.step
         t0 = time.perf_counter()
         self.faults.at("step", step)
-        self.lr = lr_at(step, rt.cfg.optim)
+        self.lr = lr_at(step, rt.cfg.optim) * self.spike.lr_factor  # lr_scale after spike rollbacks
         for group in rt.optimizer.param_groups:
             group["lr"] = self.lr
         tokens = samples = 0
+        step_loss = torch.zeros((), device=rt.device)
         marks = []  # (start, after the data, after backward, after engine.step) per micro-batch, if timed
         for micro in range(plan.grad_accum):
             last = micro == plan.grad_accum - 1
             self.progress.mark(step, f"micro-batch {micro}", publish=micro == 0)
             t_data = time.perf_counter()
             batch = next(self.loader)
+            if micro == 0:
+                self.data_batch = int(batch["sample_index"][0]) // plan.global_batch  # what the loader gave
+            if self.faults.active:
+                self.faults.at("batch", step, data=batch)
             tokens += int(batch["num_tokens"])
             samples += int(batch["input_ids"].shape[0])
             args, kwargs = model_inputs(batch, rt.device, rt.cfg.model.unpad)
@@ -233,39 +263,53 @@ class Trainer:
                 self.times.data += time.perf_counter() - t_data  # host time to get the batch
                 marks.append([self._now()])
             loss = engine(*args, **kwargs)
-            if self.faults.active and self.faults.at("loss", step) == "nan":
+            value = self.faults.at("loss", step) if self.faults.active else None
+            if value == "nan":
                 loss = loss * float("nan")
+            elif spike_factor(value):
+                loss = loss * spike_factor(value)
             self._backward(loss, step, last)
             if self.timed:
                 marks[-1].append(self._now())
             rt.optimizer.skipped = torch.zeros(())
+            step_loss += loss.detach().float()
             if last:
                 self.progress.mark(step, "optimizer step")
+                self.spike.before_step(step_loss, plan.grad_accum)  # the spike test's loss (spike.py)
             engine.step()  # a no-op until the accumulation boundary
-            self.loss_sum += loss.detach().float()
             if self.timed:
                 marks[-1].append(self._now())
+        self.loss_sum += step_loss
         rt.step += 1
         self.window.add(tokens, samples)
         self.pending_tokens += tokens
         # The one host sync per optimizer step: did any rank skip, did any rank get a stop signal?
-        flags = torch.tensor([float(not engine.was_step_applied()), self.stop.value()], device=self.comm_dev)
+        flags = torch.tensor([float(not engine.was_step_applied()), self.stop.value(), self.spike.flag()],
+                             device=self.comm_dev)
         flags[0] = torch.maximum(flags[0], rt.optimizer.skipped.to(self.comm_dev))
         all_reduce(flags, torch.distributed.ReduceOp.MAX)
         skipped, stopping = bool(flags[0].item()), bool(flags[1].item())  # synchronises the device
+        spiked = bool(flags[2].item())
+        spike = self.spike.after_step(applied=not skipped, spiked=spiked)
         if self.timed:
             for start, after_backward, after_step in marks:
                 self.times.forward_backward += self._seconds(start, after_backward)
                 self.times.optimizer += self._seconds(after_backward, after_step)
             self.times.total += time.perf_counter() - t0
-        if skipped:
-            rt.skipped_total += 1
-            self.consecutive_skips += 1
-            dist.print0(f"[roberta-ds] step {step}: non-finite loss or gradients on some rank; update skipped on "
-                        f"all ranks ({self.consecutive_skips} in a row, {rt.skipped_total} in total)")
+        if spiked and action(rt.cfg.spike, self.spike.rollbacks) == "rollback":
+            self.rollback_due = (step, spike)  # _train rolls back after logging this step (rollback.py)
+        elif skipped:
+            self.count_skip(step, f"loss spike ({'; '.join(spike) or 'on some rank'})" if spiked
+                            else "non-finite loss or gradients on some rank")
         else:
             self.consecutive_skips = 0
         return skipped, stopping
+
+    def count_skip(self, step: int, why: str) -> None:
+        self.rt.skipped_total += 1
+        self.consecutive_skips += 1
+        dist.print0(f"[roberta-ds] step {step}: {why}; update skipped on all ranks "
+                    f"({self.consecutive_skips} in a row, {self.rt.skipped_total} in total)")
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------
 
@@ -287,6 +331,7 @@ class Trainer:
             "samples_per_s": stats[2].item() / seconds,
             "mfu": mfu(tokens_per_s, self.flops_token, env.world_size, self.peak),
             "peak_mem_gib": peak_memory_gib(rt.device), "samples_consumed": rt.step * plan.global_batch,
+            "data_batch": self.data_batch,
             **({"tokens_seen": rt.tokens_seen} if rt.tokens_seen is not None else {}), **self.train_baseline,
         }
         self.loss_sum.zero_()
@@ -310,8 +355,9 @@ class Trainer:
         self.progress.mark(rt.step, f"save ({reason})")
         pending = torch.tensor([float(self.pending_tokens)], dtype=torch.float64, device=self.comm_dev)
         self._add_tokens_seen(all_reduce(pending).item())  # the checkpoint records the count at its step
-        path = ckpt.save(rt.engine, rt.out / "checkpoints", rt.step, checkpoint_meta(rt, self.consecutive_skips),
-                         rt.cfg.keep_last, fault=lambda point: self.faults.at(point, rt.step))
+        meta = {**checkpoint_meta(rt, self.consecutive_skips), "spike": self.spike.state()}
+        path = ckpt.save(rt.engine, rt.out / "checkpoints", rt.step, meta, rt.cfg.keep_last,
+                         fault=lambda point: self.faults.at(point, rt.step))
         self.last_saved = rt.step
         dist.print0(f"[roberta-ds] checkpoint {path} committed ({reason})")
 
@@ -343,6 +389,12 @@ class Trainer:
             elif eval_due:
                 self.progress.mark(rt.step, "evaluation")
                 self.sink.log({"step": rt.step, **evaluate(rt, self.valid), **self.valid_baseline})
+            if self.rollback_due:
+                from roberta_ds.engine.rollback import roll_back
+
+                (spike_step, reasons), self.rollback_due = self.rollback_due, None
+                if not roll_back(self, spike_step, reasons):
+                    self.count_skip(spike_step, f"loss spike ({'; '.join(reasons) or 'on some rank'})")
             if self.consecutive_skips >= cfg.max_consecutive_skips:
                 self.save("too many skipped steps")
                 dist.print0(
@@ -352,11 +404,12 @@ class Trainer:
                 return EXIT_TOO_MANY_SKIPS
             if stopping:
                 cause = self.stop.name()  # before the save: a signal during it changes nothing
-                self.save(f"signal {cause}")
+                if self.last_saved != rt.step:  # a spike rollback has just committed this step
+                    self.save(f"signal {cause}")
                 dist.print0(f"[roberta-ds] stopped by {cause} at step {rt.step}; exiting with "
                             f"{REQUEUE_EXIT_CODE} (requeue me)")
                 return REQUEUE_EXIT_CODE
-            if rt.step % cfg.save_interval == 0:
+            if rt.step % cfg.save_interval == 0 and self.last_saved != rt.step:
                 self.save("interval")
         if self.last_saved != rt.step:
             self.save("end of training")

@@ -18,7 +18,8 @@ must match `--tokenizer`) or, for bare checkpoints and state dicts, from `--mode
 
 Import reads a local Hugging Face RoBERTa directory (safetensors or .bin, sharded or not; .bin
 only through `torch.load(weights_only=True)`) and writes `<out>/model.safetensors` (our names) and
-`<out>/model_config.json`, which `load_pretrained` returns to the trainer for `init_from`.
+`<out>/model_config.json`, which `load_pretrained` returns to the trainer for `init_from`, and
+`<out>/source.json` (the sha256 of the directory's tokenizer.json, if it has one: init_check.py).
 Names either side that the map (hf_names.py) does not know are errors, never skipped.
 """
 
@@ -46,6 +47,7 @@ from roberta_ds.checkpoint.read_weights import (
 from roberta_ds.config import PRESETS, WEIGHT_FREE_FIELDS, ModelConfig, parse_value
 from roberta_ds.data.tokenizer import TOKENIZER_FILE, TokenizerInfo, load_tokenizer_info
 from roberta_ds.errors import CheckpointError, ConfigError, UserError
+from roberta_ds.hf.init_check import SOURCE_FILE, source_tokenizer_sha256
 from roberta_ds.hf.names import HF_TIED, from_hf, hf_config, ignored_hf_names, model_config_from_hf, to_hf
 from roberta_ds.hf.parity import check_hf_dir, check_hf_tokenizer, compare_logits, probe_batch
 from roberta_ds.hf.tokenizer import OPTIONAL_FILES, export_files, require_tokenizer_json
@@ -300,6 +302,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, verify: 
     with staged_dir(out) as tmp:
         save_safetensors(weights, tmp / WEIGHTS_FILE)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        # init_from compares the run's tokenizer with this one (init_check.py)
+        source = {"hf_dir": str(hf_dir), "tokenizer_sha256": source_tokenizer_sha256(hf_dir)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source) + "\n")
     log(f"imported {hf_dir} -> {out} ({cfg.num_layers} layers x {cfg.hidden_size}, vocab {cfg.vocab_size})")
     return cfg
 

@@ -13,7 +13,13 @@ the run at a point and lets it go), `raise`, `sigterm` / `sigusr1` (signal this 
 `sigterm_tree` (SIGTERM to this rank's DataLoader workers, then to it: a scheduler signalling
 every process), `unlink=<path>` / `truncate=<path>` (delete a file, or cut it to half its size: a
 data shard vanishing or shrinking under the run). Value actions are returned to the caller: `nan`
-(poison the loss), `inf` (poison a gradient). With the variable unset, `at()` is one attribute check.
+(poison the loss), `inf` (poison a gradient), `spike[=FACTOR]` (FACTOR x the loss at `loss`, which
+scales its gradients too; FACTOR x the gradients alone at `grad`; default SPIKE_FACTOR): a loss
+spike for the spike policy (spike.py). With the variable unset, `at()` is one attribute check.
+
+Observation and extra signals, same syntax: `dump=<dir>@batch` saves each micro-batch the model is
+given as `<dir>/batch-step<step>-rank<rank>-<n>.npz` (n counts this entry's dumps; `times` to dump
+more than one); `sigusr2` signals this rank like `sigusr1`.
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ from dataclasses import dataclass, field
 from roberta_ds.errors import ConfigError
 
 ENV = "ROBERTA_DS_FAULTS"
-VALUE_ACTIONS = ("nan", "inf")
+VALUE_ACTIONS = ("nan", "inf", "spike")
+SPIKE_FACTOR = 100.0
+SPIKE_POINTS = ("loss", "grad")
 PROCESS_ACTIONS = ("kill", "kill_job", "stop", "sleep", "wait", "raise", "sigterm", "sigterm_tree", "sigusr1",
                    "unlink", "truncate")
 _NEEDS_ARG = {"sleep": "seconds", "wait": "a path", "unlink": "a path", "truncate": "a path"}
+PROCESS_ACTIONS += ("sigusr2", "dump")
+_NEEDS_ARG["dump"] = "a directory"
 
 
 class InjectedFault(RuntimeError):
@@ -64,6 +74,8 @@ def parse(spec: str) -> list[Fault]:
                 float(arg)
             except ValueError:
                 raise ConfigError(f"{ENV}: {entry!r}: sleep needs seconds, got {arg!r}") from None
+        if name == "spike":
+            _check_spike(entry, point, arg)
         f = Fault(action=name, point=point, arg=arg)
         for kv in filter(None, filters.split(",")):
             k, _, v = kv.partition("=")
@@ -72,6 +84,25 @@ def parse(spec: str) -> list[Fault]:
             setattr(f, k, int(v))
         faults.append(f)
     return faults
+
+
+def _check_spike(entry: str, point: str, arg: str) -> None:
+    if point not in SPIKE_POINTS:
+        raise ConfigError(f"{ENV}: {entry!r}: spike happens at {' or '.join(SPIKE_POINTS)}, not {point!r}")
+    try:
+        ok = not arg or float(arg) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{ENV}: {entry!r}: spike=FACTOR needs a number > 0, got {arg!r}")
+
+
+def spike_factor(value: str | None) -> float | None:
+    """The factor of a `spike` value action returned by `Faults.at` (None for any other value)."""
+    if not value or not value.startswith("spike"):
+        return None
+    _, _, arg = value.partition("=")
+    return float(arg) if arg else SPIKE_FACTOR
 
 
 def _split_save(rest: str) -> tuple[str, str, str]:
@@ -86,8 +117,9 @@ class Faults:
         self.rank = rank
         self.active = bool(self.faults)
 
-    def at(self, point: str, step: int | None = None) -> str | None:
-        """Fire the faults registered for this point/step/rank; returns a value action, if any."""
+    def at(self, point: str, step: int | None = None, data: dict | None = None) -> str | None:
+        """Fire the faults registered for this point/step/rank; returns a value action, if any.
+        `data`: the tensors a `dump` at this point saves."""
         if not self.active:
             return None
         value = None
@@ -99,7 +131,9 @@ class Faults:
             f.fired += 1
             print(f"[fault] rank {self.rank}: {f.action} at {point} step {step}", flush=True)
             if f.action in VALUE_ACTIONS:
-                value = f.action
+                value = f"{f.action}={f.arg}" if f.arg else f.action
+            elif f.action == "dump":
+                _dump(f, step, self.rank, data or {})
             else:
                 _act(f)
         return value
@@ -129,7 +163,19 @@ def _act(f: Fault) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     elif f.action == "sigusr1":
         os.kill(os.getpid(), signal.SIGUSR1)
+    elif f.action == "sigusr2":
+        os.kill(os.getpid(), signal.SIGUSR2)
     elif f.action == "unlink":
         os.unlink(f.arg)
     elif f.action == "truncate":
         os.truncate(f.arg, os.path.getsize(f.arg) // 2)
+
+
+def _dump(f: Fault, step: int | None, rank: int, data: dict) -> None:
+    import numpy as np
+
+    out = os.path.join(f.arg, f"batch-step{step}-rank{rank}-{f.fired - 1}.npz")
+    os.makedirs(f.arg, exist_ok=True)
+    tmp = f"{out}.tmp.npz"  # np.savez adds .npz to a name without it
+    np.savez(tmp, **{k: v.numpy() for k, v in data.items()})
+    os.replace(tmp, out)

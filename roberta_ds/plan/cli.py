@@ -18,8 +18,8 @@ from roberta_ds.errors import ConfigError
 from roberta_ds.plan.model import (  # noqa: F401 - the model's names are part of this module's API
     ADAM_K,
     CHECKPOINT_SLOWDOWN,
+    DEFAULT_LOGITS_FRACTION,
     GPUS,
-    H100_ANCHOR_TPS,
     H100_PEAK,
     PAPER_BATCH,
     PAPER_GPUS,
@@ -189,7 +189,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--zero", type=int, default=d.zero, choices=(0, 1, 2, 3), help="ZeRO stage")
     ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     ap.add_argument("--tokens-per-sec", type=float, default=None,
-                    help="measured tokens/s per GPU without checkpointing (default: anchor figure, see docs)")
+                    help="measured tokens/s per GPU without checkpointing (default: roberta-ds's own "
+                         "measurement for the GPU kind, roberta_ds/plan/measured_rates.py)")
     ap.add_argument("--scaling-efficiency", type=float, default=None,
                     help="override the derived efficiency (compute / step time)")
     ap.add_argument("--intra-gbs", type=float, default=None, help="NVLink bus bandwidth, GB/s")
@@ -202,7 +203,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--grad-bytes", type=int, default=d.grad_bytes, choices=(2, 4),
                     help="bytes per gradient element (4: fp32 grad_accum_dtype)")
     ap.add_argument("--logits-fraction", type=float, default=d.logits_fraction,
-                    help="fraction of positions with vocabulary logits (0.15: masked positions only)")
+                    help="fraction of positions with vocabulary logits (default 78/512: roberta-ds's "
+                         "masked-only head at seq 512; 1: a full head like Hugging Face's)")
     ap.add_argument("--reserve-frac", type=float, default=d.reserve_frac,
                     help="memory kept back for fragmentation and workspace")
     ap.add_argument("--reserve-gib", type=float, default=d.reserve_gib,

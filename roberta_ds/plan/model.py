@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 from roberta_ds.config import PRESETS, ModelConfig, model_config
 from roberta_ds.errors import ConfigError
+from roberta_ds.plan.measured_rates import MEASURED_HEAD_SLOTS, MEASURED_SEQ, RATES, REFERENCE_KIND
 
 GiB = 2**30
 ADAM_K = 12
@@ -81,13 +82,9 @@ class GpuSpec:
     gpus_per_node: int = 8
 
 
-# Tokens/s per GPU, seq 512, no checkpointing: the anchor figures in shared/gpu/README.md, measured
-# on one H100 80GB (2026-11-26) by the project's GPU runs, NOT by this planner:
-#   roberta-base: HF RobertaForMaskedLM + DeepSpeed ZeRO-2 bf16, micro 64: 176K tokens/s
-#   roberta-large: HF RobertaForMaskedLM large + autocast, sdpa, micro 16 (no DeepSpeed): 90K tokens/s
-# Both ran an AdamW step every micro batch (accumulation amortises it: conservative).
-H100_ANCHOR_TPS = {"roberta-base": 176_000.0, "roberta-large": 90_000.0}
 H100_PEAK = 989.0
+DEFAULT_LOGITS_FRACTION = MEASURED_HEAD_SLOTS / MEASURED_SEQ
+"""roberta-ds's MLM head computes vocabulary logits only at the masked slots: 78 of 512 (15.2%)."""
 
 GPUS: dict[str, GpuSpec] = {
     # DGX-1-class: NVLink2, 4 x 100 Gb/s EDR InfiniBand per 8 GPUs (50 GB/s raw).
@@ -96,6 +93,8 @@ GPUS: dict[str, GpuSpec] = {
     "a100-80gb": GpuSpec("a100-80gb", 80, 312.0, intra_gbs=230, inter_gbs=180),
     # DGX H100: NVLink4 (NCCL ring without NVLS), 8 x 400 Gb/s NDR (400 GB/s raw).
     "h100-80gb": GpuSpec("h100-80gb", 80, 989.0, intra_gbs=360, inter_gbs=350),
+    # DGX H200: the H100's compute, NVLink and NICs with 141 GB of HBM3e (nvidia-smi: 143,771 MiB).
+    "h200-141gb": GpuSpec("h200-141gb", 140, 989.0, intra_gbs=360, inter_gbs=350),
 }
 
 
@@ -226,7 +225,7 @@ class PlanInputs:
     zero: int = 2
     steps: int = 500_000
     tokens_per_sec: float | None = None
-    """Per GPU, without checkpointing. Default: anchor figure for the GPU kind (see GPUS)."""
+    """Per GPU, without checkpointing. Default: our measured figure (roberta_ds.plan.measured_rates)."""
     scaling_efficiency: float | None = None
     intra_gbs: float | None = None
     inter_gbs: float | None = None
@@ -234,7 +233,8 @@ class PlanInputs:
     overlap: float = 0.5
     bucket_elems: float = 2e8
     grad_bytes: int = 2
-    logits_fraction: float = 1.0
+    logits_fraction: float = DEFAULT_LOGITS_FRACTION
+    """Share of positions with vocabulary logits (1.0 for a full head like Hugging Face's)."""
     reserve_frac: float = 0.10
     reserve_gib: float = 1.0
     micro: int | None = None
@@ -306,18 +306,24 @@ class Plan:
 
 
 def default_tokens_per_sec(model: str, cfg: ModelConfig, seq: int, gpu: GpuSpec,
-                           logits_fraction: float = 1.0) -> tuple[float, str]:
-    """(tokens/s per GPU, where the figure comes from): an H100 anchor scaled by FLOPs and peak."""
-    anchor = model if model in H100_ANCHOR_TPS else "roberta-base"
-    tps = H100_ANCHOR_TPS[anchor]
-    # Same achieved FLOP rate: scale by FLOPs/token of the anchor shape (seq 512, all logits) vs ours.
-    tps *= flops_per_token(PRESETS[anchor], 512, 1.0) / flops_per_token(cfg, seq, logits_fraction)
-    tps *= gpu.peak_tflops / H100_PEAK
-    how = f"anchor: {anchor} on H100 (shared/gpu/README.md, not measured by roberta-ds)"
-    if anchor != model or seq != 512 or logits_fraction != 1.0:
+                           logits_fraction: float = DEFAULT_LOGITS_FRACTION) -> tuple[float, str]:
+    """(tokens/s per GPU, where the figure comes from): our measurement on that GPU kind and model
+    (roberta_ds.plan.measured_rates), else the nearest one scaled by FLOPs/token and by datasheet peak."""
+    anchor = model if (REFERENCE_KIND, model) in RATES else "roberta-base"
+    kind = gpu.name if (gpu.name, anchor) in RATES else REFERENCE_KIND
+    m = RATES[(kind, anchor)]
+    # Same achieved FLOP rate: scale by FLOPs/token of the measured shape vs ours.
+    measured_flops = flops_per_token(PRESETS[anchor], MEASURED_SEQ, m.logits_fraction)
+    flops = flops_per_token(cfg, seq, logits_fraction)
+    tps = m.tokens_per_sec * measured_flops / flops
+    how = (f"measured by roberta-ds: {anchor} on one {m.card}, {m.tokens_per_sec / 1e3:.1f}K tokens/s "
+           f"at micro {m.micro} ({m.source})")
+    if abs(measured_flops / flops - 1) > 0.005:
         how += ", scaled by FLOPs/token"
-    if gpu.peak_tflops != H100_PEAK:
-        how += f", x {gpu.peak_tflops:g}/{H100_PEAK:g} peak TFLOP/s"
+    peak = GPUS[kind].peak_tflops
+    if kind != gpu.name:
+        tps *= gpu.peak_tflops / peak
+        how += f", x {gpu.peak_tflops:g}/{peak:g} peak TFLOP/s (not measured on {gpu.name}: same MFU assumed)"
     return tps, how
 
 

@@ -156,11 +156,7 @@ def train(out: Path, tok_dir: Path, shards: Path, settings: QuickstartSettings, 
                                 ranks=ranks)
     cfg_path = out / "train_config.json"
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    micro = settings.micro_batch(ranks)
-    ds_set = ["--ds-set", f"train_batch_size={settings.global_batch}",
-              "--ds-set", f"train_micro_batch_size_per_gpu={micro}"]
-    if not gpus:
-        ds_set += ["--ds-set", "bf16.enabled=false"]  # fp32 on CPU: bf16 matmuls are slow there
+    ds_set = settings.ds_overrides(ranks, gpus=bool(gpus))
     cmd = [*deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(29600 + os.getpid() % 1000),
            "--module", "roberta_ds.train", "--config", str(cfg_path), *ds_set]
     print(" ".join(cmd), flush=True)
