@@ -146,7 +146,7 @@ def test_communication_model_by_hand():
 
 
 def test_default_throughput_is_our_measurement_with_the_card_named():
-    # bench/NOTES.md, stop 14 (H100) and stop 17 (H200): base512_m128_z1_unpad / large512_m64_z1_unpad.
+    # bench/train_throughput.py cases base512_m128_z1_unpad / large512_m64_z1_unpad (H100, H200).
     h100, h200 = plan.GPUS["h100-80gb"], plan.GPUS["h200-141gb"]
     assert plan.PlanInputs().logits_fraction == 78 / 512           # our masked-only head, as measured
     for spec, model, cfg, want in ((h100, "roberta-base", BASE, 557_500), (h100, "roberta-large", LARGE, 192_400),

@@ -2,9 +2,9 @@
 
 Each figure is the median tokens/s of `bench/train_throughput.py` for our real training path
 (`roberta-ds train`'s DeepSpeed engine: bf16, ZeRO-1 with fused fp32 gradient accumulation,
-`torch.compile`, varlen attention with padding-free layers, dropout 0.1, accumulation 8, seq 512,
-the masked-only MLM head), on one GPU. The entry of `bench/NOTES.md` named in `source` holds the run,
-its table and its raw files (`bench/results/`). Tokens are real (non-padding) tokens: with padding-free
+`torch.compile`, varlen attention with padding-free layers, dropout 0.1 from torch's default RNG,
+accumulation 8, seq 512, the masked-only MLM head), on one GPU. `bench/NOTES.md` says how to reproduce
+them and `bench/HISTORY.md` holds each run's entry; the raw outputs are under `bench/results/`. Tokens are real (non-padding) tokens: with padding-free
 layers a padding position costs nothing, so the planner's batch x seq positions at this rate are
 conservative by the fill (94% for FULL-SENTENCES rows at 512).
 
@@ -30,8 +30,12 @@ class MeasuredRate:
     card: str
     """The card as nvidia-smi named it."""
     micro: int
-    source: str
-    """The bench/NOTES.md entry and case name."""
+    case: str
+    """The bench/train_throughput.py case that measured it."""
+
+    @property
+    def source(self) -> str:
+        return f"bench/train_throughput.py case {self.case}; how to reproduce it: bench/NOTES.md"
 
     @property
     def logits_fraction(self) -> float:
@@ -42,16 +46,16 @@ RATES: dict[tuple[str, str], MeasuredRate] = {
     # (planner GPU kind, model preset) -> measurement
     ("h100-80gb", "roberta-base"): MeasuredRate(
         557_500.0, "NVIDIA H100 80GB HBM3", 128,
-        "bench/NOTES.md, 2026-11-27 stop 14, case base512_m128_z1_unpad"),
+        "base512_m128_z1_unpad"),
     ("h100-80gb", "roberta-large"): MeasuredRate(
         192_400.0, "NVIDIA H100 80GB HBM3", 64,
-        "bench/NOTES.md, 2026-11-27 stop 14, case large512_m64_z1_unpad"),
+        "large512_m64_z1_unpad"),
     ("h200-141gb", "roberta-base"): MeasuredRate(
         573_200.0, "NVIDIA H200", 128,
-        "bench/NOTES.md, 2026-12-04 stop 17, case base512_m128_z1_unpad"),
+        "base512_m128_z1_unpad"),
     ("h200-141gb", "roberta-large"): MeasuredRate(
         197_000.0, "NVIDIA H200", 64,
-        "bench/NOTES.md, 2026-12-04 stop 17, case large512_m64_z1_unpad"),
+        "large512_m64_z1_unpad"),
 }
 REFERENCE_KIND = "h100-80gb"
 """The kind whose figures are scaled by peak for a kind without a measurement of its own."""
