@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from roberta_ds.errors import CheckpointError
 from roberta_ds.model.model import RobertaMLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from one_rank import one_rank_group  # noqa: E402
 from test_ds_config import SHIPPED  # noqa: E402 - the shipped DeepSpeed JSONs, pinned there
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,50 +46,24 @@ TOKENIZER_SHA = "ab" * 32
 GLOBAL_BATCH = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
     """A DeepSpeed ZeRO-1 fp32 engine over the tiny model with GuardedAdamW, as train.setup builds it."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "DS_ACCELERATOR": "cpu",
-            "LOCAL_RANK": "0",
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_WORLD_SIZE": "1",
-        }.items():
-            mp.setenv(k, v)
-        mp.setenv(
-            "TORCH_EXTENSIONS_DIR",
-            os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
-        )
-        import deepspeed
+    import deepspeed
 
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
-        try:
-            torch.manual_seed(0)
-            model = RobertaMLM(MODEL)
-            opt = GuardedAdamW(param_groups(model, 0.01), lr=1e-3, fused=False)
-            ds = {
-                "train_batch_size": GLOBAL_BATCH,
-                "train_micro_batch_size_per_gpu": GLOBAL_BATCH,
-                "zero_optimization": {"stage": 1},
-                "zero_allow_untested_optimizer": True,
-                "steps_per_print": 10**9,
-            }
-            eng, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=opt, config=ds, dist_init_required=False
-            )
-            yield eng
-        finally:
-            torch.distributed.destroy_process_group()
+    with one_rank_group():
+        torch.manual_seed(0)
+        model = RobertaMLM(MODEL)
+        opt = GuardedAdamW(param_groups(model, 0.01), lr=1e-3, fused=False)
+        ds = {
+            "train_batch_size": GLOBAL_BATCH,
+            "train_micro_batch_size_per_gpu": GLOBAL_BATCH,
+            "zero_optimization": {"stage": 1},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
+        yield eng
 
 
 def _meta(step: int, **changes: Any) -> dict[str, Any]:

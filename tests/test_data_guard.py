@@ -97,6 +97,21 @@ def test_a_manifest_from_before_the_identity_is_compared_by_path() -> None:
         "data.train: checkpoint [a (weight 1)], now [b (weight 1, shards 0123)]"]
 
 
+def test_a_legacy_run_moved_with_its_data_is_the_same_data() -> None:
+    """A run directory copied together with the shards beside it keeps its data (tests/golden's case);
+    a set moved on its own, or one that was never beside the run, is still a change."""
+    meta = {"step": 2, "config": {"output_dir": "/old/exp/run"},
+            "data": {"train": [{"path": "/old/exp/shards/train", "weight": 1.0}]}}
+    now = {"data.train": [{"path": "/new/place/exp/shards/train", "weight": 1.0, "shards": "0123"}]}
+    assert identity_changes(legacy_identity(meta, "/new/place/exp/run"), now) == []
+    stayed = {"data.train": [{"path": "/old/exp/shards/train", "weight": 1.0, "shards": "0123"}]}
+    assert identity_changes(legacy_identity(meta, "/new/place/exp/run"), stayed) == []  # run moved alone
+    assert identity_changes(legacy_identity(meta), now) != []  # no run dir given: by path as stored
+    assert identity_changes(legacy_identity(meta, "/new/place/other/run"), now) != []
+    far = {**meta, "data": {"train": [{"path": "/data/train", "weight": 1.0}]}}
+    assert legacy_identity(far, "/new/run")["data.train"] == [{"path": "/data/train", "weight": 1.0}]
+
+
 # ----------------------------------------------------------------------------------------------
 # Launches
 

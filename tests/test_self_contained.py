@@ -47,7 +47,7 @@ def outside_references(path: Path, text: str) -> list[str]:
     """'file:line: what' for each reference in `text` that leaves the repository."""
     found = []
     rel = path.relative_to(REPO)
-    own_checkout = str(REPO.parent) + "/"
+    own_checkout = str(REPO) + "/"  # this checkout's own absolute path, wherever it was cloned (/tmp too)
     for no, line in enumerate(text.splitlines(), 1):
         for m in SHARED.finditer(line):
             found.append(f"{rel}:{no}: {m.group(0)!r} (a shared/ folder outside the repository)")

@@ -13,15 +13,13 @@ does on a world-size change. Then both take step 3 on the same batch:
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from one_rank import one_rank_group
 
 from roberta_ds.checkpoint.universal_load import hyperparameters, repair_zero3_universal_load
 from roberta_ds.config import model_config
@@ -30,12 +28,6 @@ from roberta_ds.model.model import RobertaMLM
 
 MODEL = model_config("tiny", vocab_size=512, max_positions=18, dropout=0.0, attention_dropout=0.0)
 BATCH, SEQ, DECAY = 2, 16, 0.01
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(seed: int) -> tuple[torch.Tensor, ...]:
@@ -77,30 +69,20 @@ def _params(engine: Any) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def universal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[torch.Tensor]]]:
     """(the universal conversion of engine A's step-2 save, A's fp32 partitions after step 3)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
-                     "LOCAL_WORLD_SIZE": "1"}.items():
-            mp.setenv(k, v)
-        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                         str(Path(sys.prefix) / "torch_extensions")))
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                             world_size=1)
-        try:
-            root = tmp_path_factory.mktemp("universal_load")
-            a = _engine()
-            for seed in (1, 2):
-                _step(a, seed)
-            a.save_checkpoint(str(root), tag="step2")
-            ds_to_universal(argparse.Namespace(
-                input_folder=str(root / "step2"), output_folder=str(root / "step2_universal"),
-                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                inject_missing_state=False))
-            _step(a, 3)
-            yield root, _params(a)
-        finally:
-            torch.distributed.destroy_process_group()
+    with one_rank_group():
+        root = tmp_path_factory.mktemp("universal_load")
+        a = _engine()
+        for seed in (1, 2):
+            _step(a, seed)
+        a.save_checkpoint(str(root), tag="step2")
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(root / "step2"), output_folder=str(root / "step2_universal"),
+            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=False))
+        _step(a, 3)
+        yield root, _params(a)
 
 
 def _loaded(root: Path) -> Any:

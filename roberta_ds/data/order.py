@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,11 +96,20 @@ def data_identity(cfg: DataConfig, manifests: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def legacy_identity(meta: dict[str, Any]) -> dict[str, Any]:
+def legacy_identity(meta: dict[str, Any], run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The identity of a checkpoint written before `data_identity` was stored, from its data config
-    (the sets by path and weight: their shards were not fingerprinted then)."""
+    (the sets by path and weight: their shards were not fingerprinted then).
+
+    With `run_dir` (the output directory the run has now), a set that sat beside the checkpoint's
+    run directory also matches at the same place relative to `run_dir` (`moved_with_run`): a run
+    directory copied or moved together with its data keeps the same data."""
     data = meta.get("data") or {}
-    sets = [{"path": s["path"], "weight": s["weight"]} for s in data.get("train", [])]
+    saved_run = (meta.get("config") or {}).get("output_dir")
+    sets = []
+    for src in data.get("train", []):
+        moved = _rebased(src["path"], saved_run, run_dir)
+        sets.append({"path": src["path"], "weight": src["weight"]}
+                    | ({"moved_with_run": moved} if moved != src["path"] else {}))
     out: dict[str, Any] = {"data.train": sets}
     for name in ("max_seq_len", "packing", "seed"):
         if name in data:
@@ -107,8 +117,24 @@ def legacy_identity(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _train_key(sets: list[dict[str, Any]], by_content: bool) -> list[tuple[Any, float]]:
-    return [(s["shards"] if by_content else s["path"], float(s["weight"])) for s in sets]
+def _rebased(path: str, saved_run: str | None, run_dir: str | os.PathLike | None) -> str:
+    """`path` moved the way the run directory moved (saved_run -> run_dir), when both are known and
+    `path` shares a parent with saved_run; else `path` as it was."""
+    if not saved_run or run_dir is None or not os.path.isabs(path) or not os.path.isabs(saved_run):
+        return path
+    if os.path.commonpath([path, saved_run]) == os.sep:
+        return path  # nothing in common but the root: not "beside" the run
+    return os.path.normpath(os.path.join(os.path.abspath(run_dir), os.path.relpath(path, saved_run)))
+
+
+def _same_sets(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> bool:
+    """By content (shard fingerprints) and weight when both sides carry fingerprints, else by path
+    (or, for a legacy set, its place relative to a moved run directory) and weight."""
+    if len(old) != len(new) or any(float(a["weight"]) != float(b["weight"]) for a, b in zip(old, new)):
+        return False
+    if all("shards" in s for s in old + new):
+        return all(a["shards"] == b["shards"] for a, b in zip(old, new))
+    return all(b["path"] in (a["path"], a.get("moved_with_run")) for a, b in zip(old, new))
 
 
 def _describe_sets(sets: list[dict[str, Any]]) -> str:
@@ -121,29 +147,30 @@ def identity_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'field: checkpoint OLD, now NEW' for each order-moving setting that differs; [] when none does.
 
     Sets are compared by content (their shards' fingerprint) and weight when both sides carry the
-    fingerprint, else by path and weight."""
+    fingerprint, else by path and weight (_same_sets)."""
     changes = []
     for name, old in saved.items():
         if name not in now:
             continue
         new = now[name]
         if name == "data.train":
-            by_content = all("shards" in s for s in old + new)
-            if _train_key(old, by_content) != _train_key(new, by_content):
+            if not _same_sets(old, new):
                 changes.append(f"{name}: checkpoint {_describe_sets(old)}, now {_describe_sets(new)}")
         elif old != new:
             changes.append(f"{name}: checkpoint {old!r}, now {new!r}")
     return changes
 
 
-def saved_identity(meta: dict[str, Any]) -> dict[str, Any]:
-    return meta["data_identity"] if "data_identity" in meta else legacy_identity(meta)
+def saved_identity(meta: dict[str, Any], run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    return meta["data_identity"] if "data_identity" in meta else legacy_identity(meta, run_dir)
 
 
-def check_data_unchanged(meta: dict[str, Any], now: dict[str, Any], *, allow: bool, where: Any) -> None:
+def check_data_unchanged(meta: dict[str, Any], now: dict[str, Any], *, allow: bool, where: Any,
+                         run_dir: str | os.PathLike | None = None) -> None:
     """Refuse resuming `meta` (a checkpoint manifest) with a data config that moves the sample order,
-    naming each changed setting with both values, unless `allow` (--allow-data-change)."""
-    changes = identity_changes(saved_identity(meta), now)
+    naming each changed setting with both values, unless `allow` (--allow-data-change). `run_dir`: the
+    run's output directory now (see legacy_identity)."""
+    changes = identity_changes(saved_identity(meta, run_dir), now)
     if changes and not allow:
         raise CheckpointError(
             f"{where}: the data changed since this checkpoint, which moves the sample order its data "
@@ -153,12 +180,13 @@ def check_data_unchanged(meta: dict[str, Any], now: dict[str, Any], *, allow: bo
         )
 
 
-def resumed_order(meta: dict[str, Any], now: dict[str, Any]) -> tuple[DataOrder, str | None]:
+def resumed_order(meta: dict[str, Any], now: dict[str, Any],
+                  run_dir: str | os.PathLike | None = None) -> tuple[DataOrder, str | None]:
     """The order a run resumed from `meta` continues with, and the line to log when the data changed
     (allowed by check_data_unchanged): the new order restarts at the saved step, batches skipped under
     the old one are dropped (their indices meant other samples)."""
     order = DataOrder.from_json(meta.get("data_order"))
-    changes = identity_changes(saved_identity(meta), now)
+    changes = identity_changes(saved_identity(meta, run_dir), now)
     if not changes:
         return order, None
     step = int(meta["step"])

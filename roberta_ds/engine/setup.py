@@ -185,7 +185,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     def check(c: ckpt.Committed) -> None:
         check_compatible(c.meta, model=model_dict, tokenizer_sha256=tok.sha256,
                          global_batch=plan.global_batch, where=c.path)
-        check_data_unchanged(c.meta, identity, allow=args.allow_data_change, where=c.path)
+        check_data_unchanged(c.meta, identity, allow=args.allow_data_change, where=c.path, run_dir=out)
 
     point = plan_resume(ckpt_dir, args.resume, args.resume_fallback, comm, zero_stage=zero_stage(ds),
                         check=check, log=dist.print0)
@@ -241,7 +241,7 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
             rng_state = json.loads(rng.read_text())
         dist.print0(f"[roberta-ds] resumed from {point.chosen.path} at step {step}"
                     + (" (universal checkpoint)" if point.universal else ""))
-        order, data_note = resumed_order(point.chosen.meta, identity)
+        order, data_note = resumed_order(point.chosen.meta, identity, out)
         if data_note:
             dist.print0(f"[roberta-ds] {data_note}")
         spike_state = point.chosen.meta.get("spike")
