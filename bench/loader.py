@@ -72,6 +72,7 @@ def bench_throughput(seconds: float, batch: int, work: Path) -> None:
     from roberta_ds.config import DataConfig, DataSource
     from roberta_ds.data.loader import MicroBatchDataset, open_train_data
     from roberta_ds.data.masking import MaskingCollator, MaskSpec
+    from roberta_ds.data.sampling import BatchPlan
 
     torch.set_num_threads(1)
     train, tok_dir = build_real_shards(work)
@@ -87,10 +88,8 @@ def bench_throughput(seconds: float, batch: int, work: Path) -> None:
     ds = MicroBatchDataset(
         data,
         MaskingCollator(spec, cfg.seed),
+        plan=BatchPlan.of(batch, 1, 1),
         rank=0,
-        world_size=1,
-        micro_batch=batch,
-        grad_accum=1,
         start_step=0,
     )
     ours = _rate(lambda i: ds[i], seconds, batch)

@@ -65,10 +65,8 @@ def reference_run(rt: Any, steps: int) -> tuple[list[float], dict[str, Any], dic
     loader = train_loader(
         rt.data,
         dataclasses.replace(cfg.data, num_workers=0),
+        plan=dataclasses.replace(plan, world_size=1, global_batch=plan.micro_batch * plan.grad_accum),
         rank=0,
-        world_size=1,
-        micro_batch=plan.micro_batch,
-        grad_accum=plan.grad_accum,
         start_step=0,
     )
     losses = []

@@ -114,9 +114,10 @@ ATTENTION_KERNELS = ("auto", "sdpa", "varlen")
 
 def resolve_auto(model: ModelConfig, flash: bool) -> ModelConfig:
     """`model` with "auto" attention_kernel and unpad decided: varlen and padding-free layers when
-    `flash` (the model runs on a CUDA device in bf16 or fp16, where FlashAttention-2's varlen kernel
-    runs: `attention.flash_capable`), else sdpa with the key mask and padded layers. The trainer
-    resolves before it builds the model and the loader, which must agree on `unpad`."""
+    `flash` (the model runs on a CUDA device in bf16, fp16 or a 16-bit autocast, where
+    FlashAttention-2's varlen kernel runs), else sdpa with the key mask and padded layers. The trainer
+    decides once (engine/resolved.py), before it builds the model and the loader, which must agree on
+    `unpad`."""
     kernel = model.attention_kernel if model.attention_kernel != "auto" else ("varlen" if flash else "sdpa")
     unpad = model.unpad if model.unpad != "auto" else (kernel == "varlen" and flash)
     return dataclasses.replace(model, attention_kernel=kernel, unpad=unpad)

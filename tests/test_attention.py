@@ -16,6 +16,7 @@ from roberta_ds.engine.trainer import model_inputs
 from roberta_ds.errors import ConfigError, ShardFormatError
 from roberta_ds.model import attention
 from roberta_ds.model import model as model_module
+from roberta_ds.model.model import RobertaMLM
 
 
 def test_segment_offsets_alternate_real_and_padding():
@@ -233,19 +234,14 @@ def test_defaults_are_auto():
     assert (cfg.attention_kernel, cfg.unpad) == ("auto", "auto")
 
 
-def test_flash_capable_needs_cuda_and_16_bit():
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert attention.flash_capable(cuda, torch.bfloat16) and attention.flash_capable(cuda, torch.float16)
-    assert not attention.flash_capable(cuda, torch.float32)  # no autocast active here
-    assert not attention.flash_capable(cpu, torch.bfloat16)
-
-
-def test_auto_model_runs_sdpa_on_cpu_and_ignores_the_index(monkeypatch):
-    """On the CPU an "auto" model takes the key mask over padded rows even when handed an unpad_index
-    (the packed layout there would attend through an N x N block mask); the same model told it runs
-    where flash does takes the padding-free path."""
+def test_the_model_decides_nothing_per_call(monkeypatch):
+    """An "auto" config builds the portable model (sdpa, padded rows: it ignores an unpad_index); the
+    run's decision for a GPU in 16 bits (resolve_auto(cfg, flash=True), made once by the trainer) builds
+    the padding-free varlen model, whatever device the call runs on (on the CPU the varlen branch runs
+    SDPA over the segments)."""
     ids, pos, lab, index = padded_batch()
     model = make_model().eval()
+    assert (model.cfg.attention_kernel, model.cfg.unpad) == ("sdpa", False)
     with torch.no_grad():
         ref = make_model(attention_kernel="sdpa").eval()(ids, pos, lab)
     seen = []
@@ -255,13 +251,16 @@ def test_auto_model_runs_sdpa_on_cpu_and_ignores_the_index(monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(ids, pos, lab, unpad_index=index), ref)
     assert seen == ["sdpa"]
-    monkeypatch.setattr(model_module, "flash_capable", lambda device, dtype: True)
+    decided = RobertaMLM(resolve_auto(model_config("tiny", vocab_size=V), flash=True)).eval()
+    decided.load_state_dict(model.state_dict())
+    assert (decided.cfg.attention_kernel, decided.cfg.unpad) == ("varlen", True)
     packed = []
     monkeypatch.setattr(model_module, "packed_inputs",
                         lambda keep: packed.append(attention.packed_inputs(keep)) or packed[-1])
     with torch.no_grad():
-        model(ids, pos, lab, unpad_index=index)  # CPU: the varlen branch runs SDPA over the segments
+        got = decided(ids, pos, lab, unpad_index=index)
     assert [p.kernel for p in packed] == ["varlen"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_loop_passes_the_index_only_when_unpadded():

@@ -13,7 +13,7 @@ import torch
 from synthetic_shards import SPECIALS, random_corpus, write_set
 
 from roberta_ds.config import DataConfig, DataSource
-from roberta_ds.data.loader import open_train_data, train_loader, valid_batches
+from roberta_ds.data.loader import BatchPlan, open_train_data, train_loader, valid_batches
 from roberta_ds.data.masking import IGNORE_INDEX, mask_slots
 from roberta_ds.data.shards import ShardReader
 from roberta_ds.errors import ConfigError, ShardFormatError
@@ -78,7 +78,7 @@ def test_whole_word_loader(shard_set):
     data = open_train_data(cfg)
     table = np.zeros(1000, dtype=bool)
     table[::3] = True  # hand-made word-start table
-    kw = dict(rank=0, world_size=1, micro_batch=4, grad_accum=1, start_step=0)
+    kw = dict(plan=BatchPlan.of(4, 1, 1), rank=0, start_step=0)
     with pytest.raises(ConfigError, match="word_start"):
         train_loader(data, cfg, **kw)
     a = take(train_loader(data, cfg, word_starts=table, **kw), 3)
@@ -104,7 +104,7 @@ def test_loader_contract_and_epoch_coverage(shard_set):
     cfg = cfg_for(shard_set)
     data = open_train_data(cfg)
     n = data.samples_per_epoch
-    it = train_loader(data, cfg, rank=0, world_size=1, micro_batch=4, grad_accum=1, start_step=0)
+    it = train_loader(data, cfg, plan=BatchPlan.of(4, 1, 1), rank=0, start_step=0)
     batches = take(it, -(-n // 4) + 1)
     k = mask_slots(cfg)
     b = batches[0]
@@ -133,7 +133,7 @@ def test_worker_count_independence(shard_set):
     cfg0 = cfg_for(shard_set)
     cfg2 = cfg_for(shard_set, num_workers=2)
     data = open_train_data(cfg0)
-    kw = dict(rank=1, world_size=2, micro_batch=3, grad_accum=2, start_step=0)
+    kw = dict(plan=BatchPlan.of(3, 2, 2), rank=1, start_step=0)
     a = take(train_loader(data, cfg0, **kw), 10)
     b = take(train_loader(data, cfg2, **kw), 10)
     for x, y in zip(a, b):
@@ -149,7 +149,7 @@ def test_same_data_whatever_the_split_and_resume(shard_set):
         out = {}
         for r in range(world):
             it = train_loader(
-                data, cfg, rank=r, world_size=world, micro_batch=micro, grad_accum=accum, start_step=start
+                data, cfg, plan=BatchPlan.of(micro, accum, world), rank=r, start_step=start
             )
             for _ in range(steps * accum):
                 b = next(it)
@@ -170,7 +170,7 @@ def test_different_masks_next_epoch(shard_set):
     cfg = cfg_for(shard_set)
     data = open_train_data(cfg)
     n = data.samples_per_epoch
-    it = train_loader(data, cfg, rank=0, world_size=1, micro_batch=n, grad_accum=1, start_step=0)
+    it = train_loader(data, cfg, plan=BatchPlan.of(n, 1, 1), rank=0, start_step=0)
     e0, e1 = next(it), next(it)
     src, block, epoch = data.locate(np.arange(2 * n))
     assert (epoch[:n] == 0).all() and (epoch[n:] == 1).all()
@@ -191,7 +191,7 @@ def test_blend_and_tokenizer_check(tmp_path):
     assert data.blend.counts == (int(total / 4 + 0.5), int(3 * total / 4 + 0.5))
     src, _, _ = data.locate(np.arange(data.samples_per_epoch))
     assert np.bincount(src).tolist() == list(data.blend.counts)
-    batch = next(train_loader(data, cfg, rank=0, world_size=1, micro_batch=8, grad_accum=1, start_step=0))
+    batch = next(train_loader(data, cfg, plan=BatchPlan.of(8, 1, 1), rank=0, start_step=0))
     assert batch["input_ids"].shape == (8, T)
 
     c = write_set(tmp_path / "c", random_corpus(3, shards=1), tokenizer_sha256="cd" * 32)
@@ -219,7 +219,7 @@ def first_block_of_shard(data, shard):
 def test_truncated_shard_names_the_file(shard_set, workers):
     cfg = cfg_for(shard_set, num_workers=workers)
     data = open_train_data(cfg)
-    it = train_loader(data, cfg, rank=0, world_size=1, micro_batch=2, grad_accum=1, start_step=0)
+    it = train_loader(data, cfg, plan=BatchPlan.of(2, 1, 1), rank=0, start_step=0)
     next(it)
     victim = shard_set / "shard-001.bin"
     os.truncate(victim, victim.stat().st_size // 2)
@@ -279,10 +279,10 @@ def test_loader_rejects_bad_arguments(shard_set):
     cfg = cfg_for(shard_set)
     data = open_train_data(cfg)
     with pytest.raises(ConfigError, match="rank"):
-        train_loader(data, cfg, rank=2, world_size=2, micro_batch=1, grad_accum=1, start_step=0)
+        train_loader(data, cfg, plan=BatchPlan.of(1, 1, 2), rank=2, start_step=0)
     with pytest.raises(ConfigError, match="data.seed"):
         train_loader(
-            data, cfg_for(shard_set, seed=5), rank=0, world_size=1, micro_batch=1, grad_accum=1, start_step=0
+            data, cfg_for(shard_set, seed=5), plan=BatchPlan.of(1, 1, 1), rank=0, start_step=0
         )
 
 
@@ -316,10 +316,7 @@ def test_opening_writes_no_cache_file(shard_set):
         train_loader(
             data,
             cfg_for(shard_set, packing="doc-sentences"),
-            rank=0,
-            world_size=1,
-            micro_batch=2,
-            grad_accum=1,
+            plan=BatchPlan.of(2, 1, 1), rank=0,
             start_step=0,
         )
     )
@@ -341,7 +338,7 @@ def test_real_shards_end_to_end(small_shards, small_tokenizer):
         rows, sentence_starts = data.rows(np.zeros(1, np.int64), np.array([b]))
         assert rows[0, : len(want)].tolist() == want and np.flatnonzero(sentence_starts[0]).tolist() == starts
     table = word_start_table(small_tokenizer)
-    kw = dict(rank=1, world_size=2, micro_batch=4, grad_accum=2, start_step=3, word_starts=table)
+    kw = dict(plan=BatchPlan.of(4, 2, 2), rank=1, start_step=3, word_starts=table)
     with_workers = take(train_loader(data, cfg, **kw), 4)
     in_process = take(train_loader(data, dataclasses.replace(cfg, num_workers=0), **kw), 4)
     for x, y in zip(with_workers, in_process):

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from roberta_ds.data.sampling import Blend, hash64, micro_batch_indices, mix64, permute, uniform
+from roberta_ds.data.sampling import BatchPlan, Blend, hash64, micro_batch_indices, mix64, permute, uniform
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1023, 4097])
@@ -84,13 +84,13 @@ def test_blend_rounding_and_tiny_weights():
 def test_micro_batch_indices_layout():
     # Global batch B = 2 * 3 * 2 = 12; step 1 covers 12..23.
     got = {
-        (ms, r): micro_batch_indices(1, ms, r, micro_batch=2, grad_accum=3, world_size=2).tolist()
+        (ms, r): micro_batch_indices(BatchPlan.of(2, 3, 2), 1, ms, r).tolist()
         for ms in range(3)
         for r in range(2)
     }
     assert got[(0, 0)] == [12, 13] and got[(0, 1)] == [14, 15] and got[(2, 1)] == [22, 23]
     with pytest.raises(ValueError):
-        micro_batch_indices(0, 3, 0, micro_batch=2, grad_accum=3, world_size=2)
+        micro_batch_indices(BatchPlan.of(2, 3, 2), 0, 3, 0)
 
 
 @pytest.mark.parametrize("global_batch", [4, 8, 12])
@@ -101,7 +101,7 @@ def test_global_batch_independent_of_split(global_batch):
         unions = []
         for m, a, w in splits:
             parts = [
-                micro_batch_indices(step, ms, r, micro_batch=m, grad_accum=a, world_size=w)
+                micro_batch_indices(BatchPlan.of(m, a, w), step, ms, r)
                 for ms in range(a)
                 for r in range(w)
             ]

@@ -1,7 +1,7 @@
 """The training data pipeline: shard sets -> blocks -> blended global order -> rank slices -> masked batches.
 
     data = open_train_data(cfg)                       # validate sources, pack blocks, build the blend
-    for batch in train_loader(data, cfg, rank=r, world_size=w, micro_batch=m, grad_accum=a,
+    for batch in train_loader(data, cfg, plan=BatchPlan.of(m, a, w), rank=r,
                               start_step=s):          # micro-batches in order, forever
         loss = model(batch["input_ids"], batch["mlm_positions"], batch["mlm_labels"])
 
@@ -26,11 +26,12 @@ from roberta_ds.config import DataConfig, DataSource
 from roberta_ds.data.masking import MaskingCollator, MaskSpec, mask_slots
 from roberta_ds.data.order import DataOrder
 from roberta_ds.data.reading import ShardFile, Source, open_source, read_rows
-from roberta_ds.data.sampling import Blend, micro_batch_indices
+from roberta_ds.data.sampling import BatchPlan, Blend, micro_batch_indices
 from roberta_ds.data.shards import Manifest, read_manifest
 from roberta_ds.errors import ConfigError, UserError
 
 __all__ = [
+    "BatchPlan",
     "ShardFile",
     "TrainData",
     "open_train_data",
@@ -125,32 +126,15 @@ def open_train_data(cfg: DataConfig) -> TrainData:
 class MicroBatchDataset(torch.utils.data.Dataset):
     """Item i = the i-th micro-batch this rank consumes from `start_step` on, masked and collated."""
 
-    def __init__(
-        self,
-        data: TrainData,
-        collator: MaskingCollator,
-        *,
-        rank: int,
-        world_size: int,
-        micro_batch: int,
-        grad_accum: int,
-        start_step: int,
-        order: DataOrder,
-    ) -> None:
+    def __init__(self, data: TrainData, collator: MaskingCollator, *, plan: BatchPlan, rank: int, start_step: int,
+                 order: DataOrder = DataOrder()) -> None:
         self.data, self.collator, self.order = data, collator, order
-        self.rank, self.world_size = rank, world_size
-        self.micro_batch, self.grad_accum, self.start_step = micro_batch, grad_accum, start_step
+        self.plan, self.rank, self.start_step = plan, rank, start_step
 
     def indices(self, i: int) -> np.ndarray:
-        step, micro_step = divmod(self.start_step * self.grad_accum + i, self.grad_accum)
-        return micro_batch_indices(
-            self.order.batch_at(step),  # the step's global batch: `step` unless the order moved
-            micro_step,
-            self.rank,
-            micro_batch=self.micro_batch,
-            grad_accum=self.grad_accum,
-            world_size=self.world_size,
-        )
+        step, micro_step = divmod(self.start_step * self.plan.grad_accum + i, self.plan.grad_accum)
+        # the step's global batch: `step` unless the order moved
+        return micro_batch_indices(self.plan, self.order.batch_at(step), micro_step, self.rank)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k = self.indices(i)
@@ -164,14 +148,11 @@ class _Forever(torch.utils.data.Sampler):
         return itertools.count()
 
 
-def _check_loader_args(data: TrainData, cfg: DataConfig, **sizes: int) -> None:
-    for name, v in sizes.items():
-        if v < (0 if name in ("rank", "start_step") else 1):
-            raise ConfigError(
-                f"train_loader: {name} must be >= {0 if name in ('rank', 'start_step') else 1}, got {v}"
-            )
-    if sizes["rank"] >= sizes["world_size"]:
-        raise ConfigError(f"train_loader: rank {sizes['rank']} >= world_size {sizes['world_size']}")
+def _check_loader_args(data: TrainData, cfg: DataConfig, plan: BatchPlan, rank: int, start_step: int) -> None:
+    if not 0 <= rank < plan.world_size:
+        raise ConfigError(f"train_loader: need 0 <= rank < world_size, got rank {rank}, world_size {plan.world_size}")
+    if start_step < 0:
+        raise ConfigError(f"train_loader: start_step must be >= 0, got {start_step}")
     for f in ("train", "max_seq_len", "packing", "seed"):
         if getattr(cfg, f) != getattr(data.cfg, f):
             raise ConfigError(f"train_loader: data.{f} differs from the config open_train_data was given")
@@ -181,10 +162,8 @@ def train_loader(
     data: TrainData,
     cfg: DataConfig,
     *,
+    plan: BatchPlan,
     rank: int,
-    world_size: int,
-    micro_batch: int,
-    grad_accum: int,
     start_step: int,
     word_starts: np.ndarray | None = None,
     pin_memory: bool = False,
@@ -192,34 +171,18 @@ def train_loader(
     order: DataOrder = DataOrder(),
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches in order, forever: step `start_step` micro-step 0 first. Step s takes
-    global batch `order.batch_at(s)` (s itself in the plain order).
+    global batch `order.batch_at(s)` (s itself in the plain order), split as `plan` says.
 
     Each is {input_ids (B, T), mlm_positions (B, K), mlm_labels (B, K), sample_index (B,),
-    num_tokens (), and with `unpad` unpad_index (N,)}, all int64, B = micro_batch,
+    num_tokens (), and with `unpad` unpad_index (N,)}, all int64, B = plan.micro_batch,
     T = cfg.max_seq_len, K = mask_slots(cfg). Built by
     `cfg.num_workers` persistent DataLoader workers, each collating whole micro-batches; the result
     does not depend on the worker count.
     """
-    _check_loader_args(
-        data,
-        cfg,
-        rank=rank,
-        world_size=world_size,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        start_step=start_step,
-    )
+    _check_loader_args(data, cfg, plan, rank, start_step)
     spec = MaskSpec.make(cfg, data.vocab_size, data.special_ids, word_starts)
-    dataset = MicroBatchDataset(
-        data,
-        MaskingCollator(spec, cfg.seed, unpad),
-        rank=rank,
-        world_size=world_size,
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        start_step=start_step,
-        order=order,
-    )
+    dataset = MicroBatchDataset(data, MaskingCollator(spec, cfg.seed, unpad), plan=plan, rank=rank,
+                                start_step=start_step, order=order)
     workers = cfg.num_workers
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -173,16 +173,39 @@ class Blend:
         return src, block, epoch
 
 
-def micro_batch_indices(
-    step: int, micro_step: int, rank: int, *, micro_batch: int, grad_accum: int, world_size: int
-) -> np.ndarray:
-    """Stream sample indices of (optimizer step, micro-step, rank): (micro_batch,) int64."""
-    if not (0 <= micro_step < grad_accum and 0 <= rank < world_size and micro_batch >= 1 and step >= 0):
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is split: global_batch = micro_batch x grad_accum x
+    world_size, checked here, the one place it is multiplied out. engine/ds_config.batch_plan builds it
+    from the DeepSpeed config; the loader and the trainer read it."""
+
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        parts = (self.micro_batch, self.grad_accum, self.world_size)
+        if min(parts) < 1 or self.global_batch != self.micro_batch * self.grad_accum * self.world_size:
+            raise ValueError(f"BatchPlan: global_batch {self.global_batch} must equal micro_batch x grad_accum x "
+                             f"world_size = {' x '.join(map(str, parts))}, each >= 1")
+
+    @classmethod
+    def of(cls, micro_batch: int, grad_accum: int, world_size: int) -> BatchPlan:
+        return cls(micro_batch * grad_accum * world_size, micro_batch, grad_accum, world_size)
+
+    @property
+    def per_micro_step(self) -> int:
+        """Samples one micro-step takes over all ranks."""
+        return self.micro_batch * self.world_size
+
+
+def micro_batch_indices(plan: BatchPlan, step: int, micro_step: int, rank: int) -> np.ndarray:
+    """Stream sample indices of (global batch `step`, micro-step, rank): (micro_batch,) int64."""
+    if not (0 <= micro_step < plan.grad_accum and 0 <= rank < plan.world_size and step >= 0):
         raise ValueError(
-            "micro_batch_indices: need step >= 0, "
-            f"0 <= micro_step < grad_accum ({micro_step}, {grad_accum}), "
-            f"0 <= rank < world_size ({rank}, {world_size}), micro_batch >= 1 ({micro_batch})"
+            f"micro_batch_indices: need step >= 0 ({step}), 0 <= micro_step < grad_accum ({micro_step}, "
+            f"{plan.grad_accum}), 0 <= rank < world_size ({rank}, {plan.world_size})"
         )
-    global_batch = micro_batch * grad_accum * world_size
-    first = step * global_batch + micro_step * micro_batch * world_size + rank * micro_batch
-    return np.arange(first, first + micro_batch, dtype=np.int64)
+    first = step * plan.global_batch + micro_step * plan.per_micro_step + rank * plan.micro_batch
+    return np.arange(first, first + plan.micro_batch, dtype=np.int64)

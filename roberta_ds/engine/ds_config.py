@@ -8,11 +8,11 @@ world size cannot divide is refused before any process group work, with the arit
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from roberta_ds.config import apply_overrides
+from roberta_ds.data.sampling import BatchPlan
 from roberta_ds.errors import ConfigError
 
 OWNED_BY_US = ("optimizer", "scheduler")
@@ -37,14 +37,6 @@ def load_ds_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any
     return apply_overrides(raw, list(overrides))
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int
-    micro_batch: int
-    grad_accum: int
-    world_size: int
-
-
 def batch_plan(ds: dict[str, Any], world_size: int, source: str = "ds_config") -> BatchPlan:
     """The (global, micro, accumulation) DeepSpeed will use for `world_size` ranks, or a clear error."""
     tbs = ds.get("train_batch_size")
@@ -66,7 +58,7 @@ def batch_plan(ds: dict[str, Any], world_size: int, source: str = "ds_config") -
             )
         return plan
     if mbs is not None and gas is not None:
-        return BatchPlan(mbs * gas * world_size, mbs, gas, world_size)
+        return BatchPlan.of(mbs, gas, world_size)
     if tbs is not None and gas is not None:
         if tbs % (gas * world_size):
             raise ConfigError(

@@ -1,6 +1,7 @@
-"""What a started run consists of (built by train.setup, driven by loop.Trainer), and its collectives.
+"""What a started run consists of (built by engine/setup.py, driven by engine/trainer.Trainer), and
+two process-group settings setup applies.
 
-Kept apart from train.py so the throughput benchmark and tests can drive the same objects.
+Kept apart from setup.py so the throughput benchmark and tests can drive the same objects.
 """
 
 from __future__ import annotations
@@ -15,38 +16,62 @@ import torch
 from roberta_ds.comm import Comm
 from roberta_ds.config import TrainConfig
 from roberta_ds.data.order import DataOrder
-from roberta_ds.engine.ds_config import BatchPlan
+from roberta_ds.data.sampling import BatchPlan
 from roberta_ds.engine.optim import GuardedAdamW
+from roberta_ds.engine.resolved import ResolvedRun
 from roberta_ds.launch.dist import DistEnv
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
-    cfg: TrainConfig
+    """A started run: what was decided (`run`), the objects built from it, and the counters the
+    trainer advances."""
+
+    run: ResolvedRun
     ds: dict[str, Any]
     """The DeepSpeed config as given to deepspeed.initialize."""
-    plan: BatchPlan
-    env: DistEnv
-    device: torch.device
     engine: Any
     optimizer: GuardedAdamW
     data: Any
     """data.TrainData"""
-    tokenizer_sha256: str
     step: int
     """Optimizer steps done (skipped ones included): the data cursor is step x global batch."""
     skipped_total: int
-    out: Path
     rng_state: dict[str, Any] | None
     """This rank's RNG states from the checkpoint, restored just before the first step."""
     tokens_seen: int | None = 0
     """Real (non-padding) tokens consumed by every rank so far; None after resuming from a checkpoint
     that predates the count (it is then not reported)."""
     order: DataOrder = DataOrder()
-    """Which global batch each step takes (data_order.py): restarted by --allow-data-change, with
+    """Which global batch each step takes (data/order.py): restarted by --allow-data-change, with
     batches skipped by a spike rollback."""
     spike_state: dict[str, Any] | None = None
     """The spike policy's state from the checkpoint resumed from (spike.SpikeGuard.state())."""
+
+    # What was decided, under the names the trainer reads.
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.cfg
+
+    @property
+    def plan(self) -> BatchPlan:
+        return self.run.plan
+
+    @property
+    def env(self) -> DistEnv:
+        return self.run.env
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+    @property
+    def out(self) -> Path:
+        return self.run.out
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.run.tokenizer.sha256
 
 
 def release_shm_buffers(rank: int) -> None:

@@ -16,13 +16,13 @@ Only engine/ and checkpoint/ import DeepSpeed (tests/test_structure.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
 import shutil
 import sys
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,26 +31,15 @@ import numpy as np
 import torch
 
 from roberta_ds.checkpoint import commit as ckpt
+from roberta_ds.checkpoint.resume import ResumePoint, check_compatible, plan_resume
 from roberta_ds.checkpoint.universal_load import hyperparameters, repair_zero3_universal_load
 from roberta_ds.comm import Comm, make_all_reduce_max
-from roberta_ds.config import (
-    TrainConfig,
-    config_to_dict,
-    inductor_options,
-    load_train_config,
-    resolve_auto,
-)
+from roberta_ds.config import config_to_dict, inductor_options
+from roberta_ds.data.order import DataOrder, check_data_unchanged, data_identity, resumed_order
 from roberta_ds.data.shards import ShardReader, check_tokenizer, read_manifest
-from roberta_ds.data.tokenizer import tokenizer_vocab_size
-from roberta_ds.engine.ds_config import (
-    batch_plan,
-    check_precision_runs,
-    load_ds_config,
-    precision,
-    zero_stage,
-)
 from roberta_ds.engine.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.engine.optim import GuardedAdamW, lr_at, param_groups
+from roberta_ds.engine.resolved import ResolvedRun, resolve_config, resolve_run  # noqa: F401 - resolve_config re-exported
 from roberta_ds.engine.runtime import Runtime, release_shm_buffers, set_default_collective_timeout
 from roberta_ds.engine.trainer import EXIT_TOO_MANY_SKIPS, REQUEUE_EXIT_CODE, Trainer  # noqa: F401 - exit codes re-exported
 from roberta_ds.errors import ConfigError, UserError
@@ -84,23 +73,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    overrides = list(args.set)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.ds_config:
-        overrides.append(f"ds_config={args.ds_config}")
-    cfg = load_train_config(args.config, overrides, vocab_size_of=tokenizer_vocab_size)
-    if not cfg.tokenizer:
-        raise ConfigError("tokenizer: not set; give the tokenizer directory (--set tokenizer=DIR)")
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training shard sets; e.g. --set data.train=out/shards/train")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-
-
 def _copy_tokenizer(src: str, out: Path) -> None:
     """The run keeps the tokenizer it was trained with (export-hf takes it from here)."""
     dst = out / "tokenizer"
@@ -126,47 +98,54 @@ def _scan_token_range(data: Any, vocab_size: int, rank: int, world: int) -> str 
 
 
 def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
+    """config -> resolved run -> process group -> data -> output directory and resume point -> engine
+    -> restored state. Each step is one function below, in this order."""
+    run = resolve_run(args)
+    comm = _start_distributed(run)
+    data = _open_data(run, comm)
+    # Before anything reads or writes the output directory: one run per directory.
+    comm.agree_error(_hold_output_dir(run.out, run.cfg.lock_timeout_s, comm.rank))
+    identity = data_identity(run.cfg.data, [s.manifest for s in data.sources])
+    point = _resume_point(run, identity, args, comm)
+    engine, optimizer, ds = _build_engine(run, point)
+    _seed_this_rank(run)
+    state = _restore(run, engine, optimizer, point, identity) if point is not None else ResumeState()
+    if run.env.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        _copy_tokenizer(run.cfg.tokenizer, run.out)
+    return Runtime(run=run, ds=ds, engine=engine, optimizer=optimizer, data=data, step=state.step,
+                   skipped_total=state.skipped_total, rng_state=state.rng_state, tokens_seen=state.tokens_seen,
+                   order=state.order, spike_state=state.spike_state)
+
+
+def _start_distributed(run: ResolvedRun) -> Comm:
+    """The process group (every collective, DeepSpeed's own groups too, times out after
+    collective_timeout_s) and the banner that says what was decided."""
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    from roberta_ds.checkpoint.resume import check_compatible, plan_resume
-    from roberta_ds.data.loader import open_train_data
-    from roberta_ds.data.order import DataOrder, check_data_unchanged, data_identity, resumed_order
-    from roberta_ds.data.tokenizer import load_tokenizer_info
-    from roberta_ds.model.model import RobertaMLM
-
-    cfg = resolve_config(args)
-    env = dist.discover()
-    expected_world = dist.expected_world_size(os.environ)  # read before export_env rewrites WORLD_SIZE
-    dist.export_env(env)
-    ds = load_ds_config(cfg.ds_config, args.ds_set)
-    plan = batch_plan(ds, env.world_size, source=f"ds_config {cfg.ds_config}")  # before any process group
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    accel = get_accelerator()
-    check_precision_runs(ds, f"ds_config {cfg.ds_config}", "GPU" if cuda else "CPU",
-                         accel.is_fp16_supported(), accel.is_bf16_supported())
-    # "auto" attention kernel and padding-free layers: on where FlashAttention-2's varlen kernel runs
-    # (a GPU in bf16, fp16 or a 16-bit autocast), decided once so the model and the loader agree.
-    cfg = dataclasses.replace(cfg, model=resolve_auto(cfg.model, cuda and precision(ds) != "fp32"))
-    net = check_rendezvous_network(env, "nccl" if cuda else "gloo")
-    set_default_collective_timeout(timedelta(seconds=cfg.collective_timeout_s))  # DeepSpeed's own groups too
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                               timeout=timedelta(seconds=cfg.collective_timeout_s))
-    dist.check_world(env, torch.distributed.get_world_size(), expected_world)
+    if run.cuda:
+        torch.cuda.set_device(run.device)
+    net = check_rendezvous_network(run.env, run.backend)
+    timeout = timedelta(seconds=run.cfg.collective_timeout_s)
+    set_default_collective_timeout(timeout)
+    deepspeed.init_distributed(dist_backend=run.backend, auto_mpi_discovery=False, timeout=timeout)
+    dist.check_world(run.env, torch.distributed.get_world_size(), run.expected_world)
     release_shm_buffers(torch.distributed.get_rank())
-    dist.print0(f"[roberta-ds] {dist.log_source(env)}; global batch {plan.global_batch} = micro "
+    plan, model = run.plan, run.cfg.model
+    dist.print0(f"[roberta-ds] {dist.log_source(run.env)}; global batch {plan.global_batch} = micro "
                 f"{plan.micro_batch} x accumulation {plan.grad_accum} x world {plan.world_size}; "
-                f"{precision(ds)}, ZeRO-{zero_stage(ds)}; attention {cfg.model.attention_kernel}"
-                f"{', padding-free layers' if cfg.model.unpad else ''}{'; ' + net if net else ''}")
-    comm = Comm()
+                f"{run.precision}, ZeRO-{run.zero_stage}; attention {model.attention_kernel}"
+                f"{', padding-free layers' if model.unpad else ''}{'; ' + net if net else ''}")
+    return Comm()
 
-    tok = load_tokenizer_info(cfg.tokenizer)
-    data = open_train_data(cfg.data)
-    # open_train_data refuses mixed tokenizers among the sets; here: they match the run's tokenizer.
+
+def _open_data(run: ResolvedRun, comm: Comm) -> Any:
+    """The training sets, opened and packed; every shard set (training and validation) checked here,
+    once, against the run's tokenizer, and every token id against the model's vocabulary."""
+    from roberta_ds.data.loader import open_train_data
+
+    cfg, tok = run.cfg, run.tokenizer
+    data = open_train_data(cfg.data)  # refuses sets made with different tokenizers
     check_tokenizer(data.manifest, tok.sha256, f"{cfg.data.train[0].path}/manifest.json")
     for src in cfg.data.valid:
         check_tokenizer(read_manifest(src.path), tok.sha256, f"{src.path}/manifest.json")
@@ -174,82 +153,106 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' vocabulary "
                           f"{data.vocab_size}; set model.vocab_size >= {data.vocab_size}")
     comm.agree_error(_scan_token_range(data, cfg.model.vocab_size, comm.rank, comm.world))
+    return data
 
-    out = Path(cfg.output_dir)
-    # Before anything reads or writes the output directory: one run per directory.
-    comm.agree_error(_hold_output_dir(out, cfg.lock_timeout_s, comm.rank))
-    ckpt_dir = out / "checkpoints"
-    model_dict = config_to_dict(cfg.model)
-    identity = data_identity(cfg.data, [s.manifest for s in data.sources])
+
+def _resume_point(run: ResolvedRun, identity: dict[str, Any], args: argparse.Namespace,
+                  comm: Comm) -> ResumePoint | None:
+    """The checkpoint to resume from (--resume, --resume-fallback), checked against this run's model,
+    tokenizer, global batch and data; None for a fresh start."""
+    model_dict = config_to_dict(run.cfg.model)
 
     def check(c: ckpt.Committed) -> None:
-        check_compatible(c.meta, model=model_dict, tokenizer_sha256=tok.sha256,
-                         global_batch=plan.global_batch, where=c.path)
-        check_data_unchanged(c.meta, identity, allow=args.allow_data_change, where=c.path, run_dir=out)
+        check_compatible(c.meta, model=model_dict, tokenizer_sha256=run.tokenizer.sha256,
+                         global_batch=run.plan.global_batch, where=c.path)
+        check_data_unchanged(c.meta, identity, allow=args.allow_data_change, where=c.path, run_dir=run.out)
 
-    point = plan_resume(ckpt_dir, args.resume, args.resume_fallback, comm, zero_stage=zero_stage(ds),
-                        check=check, log=dist.print0)
+    return plan_resume(run.out / "checkpoints", args.resume, args.resume_fallback, comm, zero_stage=run.zero_stage,
+                       check=check, log=dist.print0)
+
+
+def _build_engine(run: ResolvedRun, point: ResumePoint | None) -> tuple[Any, GuardedAdamW, dict[str, Any]]:
+    """The model (seeded alike on every rank; init_from's weights on a fresh start), GuardedAdamW and the
+    DeepSpeed engine; returns the DeepSpeed config as given to initialize."""
+    import deepspeed
+
+    from roberta_ds.model.model import RobertaMLM
+
+    cfg = run.cfg
+    ds = {**run.ds, "zero_allow_untested_optimizer": True}  # DeepSpeed's ZeRO whitelist checks exact classes
     if point is not None and point.universal:
-        ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
-
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = RobertaMLM(cfg.model)
     if cfg.init_from and point is None:  # a resumed run takes its weights from the checkpoint
         from roberta_ds.hf.init_check import load_init
 
-        dist.print0(f"[roberta-ds] {load_init(model, cfg.model, cfg.init_from, tok.sha256)}")
+        dist.print0(f"[roberta-ds] {load_init(model, cfg.model, cfg.init_from, run.tokenizer.sha256)}")
     if cfg.compile:
         try:  # before deepspeed.initialize (engine.compile crashed with ZeRO-2)
             model = torch.compile(model, options=inductor_options(cfg.compile_options) or None)
         except RuntimeError as e:  # torch names the unknown option, then lists all 300 known ones
             raise ConfigError(f"compile_options: {str(e).split(', known options')[0]}; the names are "
                               "torch._inductor.config's") from None
-    fused = cfg.optim.fused if cfg.optim.fused is not None else True
     optimizer = GuardedAdamW(param_groups(model, cfg.optim.weight_decay), lr=lr_at(0, cfg.optim),
-                             betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused,
-                             all_reduce_max=make_all_reduce_max(device))
-    # GuardedAdamW is torch's AdamW plus a skip; DeepSpeed's ZeRO whitelist checks the exact class.
-    ds = {**ds, "zero_allow_untested_optimizer": True}
+                             betas=cfg.optim.betas, eps=cfg.optim.eps,
+                             fused=cfg.optim.fused if cfg.optim.fused is not None else True,
+                             all_reduce_max=make_all_reduce_max(run.device))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     accum = fuse_grad_accumulation(engine.optimizer)
     if accum.startswith("kept"):
         dist.print0(f"[roberta-ds] fp32 gradient accumulation: DeepSpeed's own cast+add ({accum})")
-    if (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()) != (plan.micro_batch, plan.grad_accum):
-        raise ConfigError(f"DeepSpeed derived micro {engine.train_micro_batch_size_per_gpu()} x accumulation "
-                          f"{engine.gradient_accumulation_steps()}, expected {plan.micro_batch} x {plan.grad_accum}")
-    # Dropout differs per rank (each rank sees other samples); a resumed run restores the exact states.
-    torch.manual_seed(cfg.seed * 100_003 + 1 + env.rank)
-    # Nothing of ours draws from numpy's or Python's global RNG, but a library might: seed them too, so
-    # two runs of one config match and a checkpoint's RNG state is a function of the run, not of the process.
-    np.random.seed((cfg.seed * 100_003 + 1 + env.rank) % 2**32)
-    random.seed(cfg.seed * 100_003 + 1 + env.rank)
+    got = (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps())
+    if got != (run.plan.micro_batch, run.plan.grad_accum):
+        raise ConfigError(f"DeepSpeed derived micro {got[0]} x accumulation {got[1]}, expected "
+                          f"{run.plan.micro_batch} x {run.plan.grad_accum}")
+    return engine, optimizer, ds
 
-    step, skipped_total, rng_state, tokens_seen, order, spike_state = 0, 0, None, 0, DataOrder(), None
-    if point is not None:
-        hyper = hyperparameters(optimizer)  # this run's per-group settings, before DeepSpeed loads anything
-        loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False, load_module_strict=True)
-        if loaded is None:
-            raise ckpt.CheckpointError(f"{point.chosen.path}: DeepSpeed could not load it")
-        step = int(point.chosen.meta["step"])
-        skipped_total = int(point.chosen.meta.get("skipped_steps", 0))
-        tokens_seen = point.chosen.meta.get("tokens_seen")
-        if point.universal:  # DeepSpeed's ZeRO-3 universal load mixes up groups' steps and settings
-            repair_zero3_universal_load(engine, hyper, adam_steps=step - skipped_total)
-        rng = point.chosen.path / ckpt.rng_file(env.rank)
-        if not point.universal and rng.is_file():
-            rng_state = json.loads(rng.read_text())
-        dist.print0(f"[roberta-ds] resumed from {point.chosen.path} at step {step}"
-                    + (" (universal checkpoint)" if point.universal else ""))
-        order, data_note = resumed_order(point.chosen.meta, identity, out)
-        if data_note:
-            dist.print0(f"[roberta-ds] {data_note}")
-        spike_state = point.chosen.meta.get("spike")
-    if env.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _copy_tokenizer(cfg.tokenizer, out)
-    return Runtime(cfg, ds, plan, env, device, engine, optimizer, data, tok.sha256, step, skipped_total, out,
-                   rng_state, tokens_seen, order, spike_state)
+
+def _seed_this_rank(run: ResolvedRun) -> None:
+    """Dropout differs per rank (each rank sees other samples); a resumed run restores the exact states.
+    Nothing of ours draws from numpy's or Python's global RNG, but a library might: seed them too, so two
+    runs of one config match and a checkpoint's RNG state is a function of the run, not of the process."""
+    seed = run.cfg.seed * 100_003 + 1 + run.env.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeState:
+    """Where a run continues: all zero for a fresh start."""
+
+    step: int = 0
+    skipped_total: int = 0
+    rng_state: dict[str, Any] | None = None
+    tokens_seen: int | None = 0
+    order: DataOrder = DataOrder()
+    spike_state: dict[str, Any] | None = None
+
+
+def _restore(run: ResolvedRun, engine: Any, optimizer: GuardedAdamW, point: ResumePoint,
+             identity: dict[str, Any]) -> ResumeState:
+    """Load `point` into the engine (repairing DeepSpeed's ZeRO-3 universal load) and read the counters,
+    this rank's RNG states (same world size only) and the data order it continues with."""
+    hyper = hyperparameters(optimizer)  # this run's per-group settings, before DeepSpeed loads anything
+    loaded, _ = engine.load_checkpoint(str(point.load_dir), tag=point.load_tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=True)
+    if loaded is None:
+        raise ckpt.CheckpointError(f"{point.chosen.path}: DeepSpeed could not load it")
+    meta = point.chosen.meta
+    step, skipped_total = int(meta["step"]), int(meta.get("skipped_steps", 0))
+    if point.universal:  # DeepSpeed's ZeRO-3 universal load mixes up groups' steps and settings
+        repair_zero3_universal_load(engine, hyper, adam_steps=step - skipped_total)
+    rng = point.chosen.path / ckpt.rng_file(run.env.rank)
+    rng_state = json.loads(rng.read_text()) if not point.universal and rng.is_file() else None
+    dist.print0(f"[roberta-ds] resumed from {point.chosen.path} at step {step}"
+                + (" (universal checkpoint)" if point.universal else ""))
+    order, data_note = resumed_order(meta, identity, run.out)
+    if data_note:
+        dist.print0(f"[roberta-ds] {data_note}")
+    return ResumeState(step=step, skipped_total=skipped_total, rng_state=rng_state,
+                       tokens_seen=meta.get("tokens_seen"), order=order, spike_state=meta.get("spike"))
 
 
 def _hold_output_dir(out: Path, timeout_s: float, rank: int) -> str | None:

@@ -197,9 +197,7 @@ class Trainer:
 
         rt, plan = self.rt, self.rt.plan
         with children_ignore_stop_signals():  # the DataLoader's workers start here
-            return iter(train_loader(rt.data, rt.cfg.data, rank=rt.env.rank, world_size=rt.env.world_size,
-                                     micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-                                     start_step=rt.step, word_starts=self.word_starts,
+            return iter(train_loader(rt.data, rt.cfg.data, plan=plan, rank=rt.env.rank, start_step=rt.step, word_starts=self.word_starts,
                                      pin_memory=rt.device.type == "cuda", unpad=rt.cfg.model.unpad,
                                      order=rt.order))
 

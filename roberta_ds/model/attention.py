@@ -110,17 +110,6 @@ def use_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in FLASH_DTYPES
 
 
-def flash_capable(device: torch.device, weight_dtype: torch.dtype) -> bool:
-    """Whether a model with `weight_dtype` weights on `device` computes its attention in a dtype the
-    varlen kernel takes: bf16/fp16 weights (DeepSpeed's bf16 and fp16 modes), or fp32 weights under a
-    bf16/fp16 autocast (DeepSpeed's torch_autocast). Decides `model.attention_kernel` "auto"."""
-    if device.type != "cuda":
-        return False
-    if weight_dtype in FLASH_DTYPES:
-        return True
-    return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in FLASH_DTYPES
-
-
 def attend(qkv: torch.Tensor, inputs: AttentionInputs, dropout_p: float) -> torch.Tensor:
     """Multi-head attention of a fused projection: qkv (B, T, 3, heads, head_dim) -> (B, T, heads x
     head_dim), B = 1 in the packed layout."""

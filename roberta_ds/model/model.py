@@ -4,7 +4,7 @@ The architecture is RoBERTa's exactly (fairseq `roberta_base`, Hugging Face `Rob
 word + learned position + one token-type embedding, LayerNorm (eps 1e-5), post-LN layers with exact
 GELU, dropout on hidden states and attention probabilities, and an LM head (dense, GELU, LayerNorm,
 decoder tied to the word embedding, bias). No DeepSpeed or torch.distributed here: parallelism,
-precision and sharding belong to the engine (train.py).
+precision and sharding belong to the engine (engine/).
 
 Speed choices, none of which changes the maths:
 - attention (roberta_ds/model/attention.py, `model.attention_kernel`): "sdpa" runs
@@ -14,8 +14,9 @@ Speed choices, none of which changes the maths:
   and V come from one fused projection; `has_padding=False` drops the mask for a batch without padding;
 - `model.unpad` (with "varlen") runs the layers on the real tokens only, packed into one
   sequence by the loader's `unpad_index` (`encode_unpadded`): no GEMM, LayerNorm or GELU work on padding;
-- both default to "auto": varlen and padding-free layers where the varlen kernel runs (CUDA, bf16 or
-  fp16 weights or autocast), sdpa and padded layers elsewhere (`config.resolve_auto`);
+- both default to "auto", which the trainer decides once for the run (engine/resolved.py): varlen and
+  padding-free layers where the varlen kernel runs (CUDA in bf16, fp16 or a 16-bit autocast), sdpa and
+  padded layers elsewhere (`config.resolve_auto`); a model built from an undecided config takes sdpa;
 - the training call gathers the hidden states of the K labelled positions once, after the layer
   stack, and runs the LM head on those (B, K, H) rows only: 15% of the vocabulary projection work;
 - no data-dependent Python control flow, `.item()` or `nonzero()` in `forward`, so
@@ -46,7 +47,6 @@ from roberta_ds.model.attention import (
     AttentionInputs,
     attend,
     attention_inputs,
-    flash_capable,
     packed_inputs,
     real_tokens,
 )
@@ -181,10 +181,10 @@ class RobertaMLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        # "auto" kernels decided per call from where the model runs (static under torch.compile);
-        # the trainer passes them decided already (the loader must know `unpad` too).
-        self._auto = {flash: resolve_auto(cfg, flash) for flash in (False, True)}
+        # The trainer passes the kernel and layout decided for where it runs (engine/resolved.py; the
+        # loader must know `unpad` too). A config left "auto" gets the choice that runs anywhere:
+        # sdpa over padded rows. Nothing is decided per call.
+        self.cfg = cfg = resolve_auto(cfg, flash=False)
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.head = LMHead(cfg)
@@ -225,7 +225,7 @@ class RobertaMLM(nn.Module):
         None for no attention mask at all; kernel: "sdpa" | "varlen", default the configured
         one (segments need right-padded rows) -> (B, T, H)."""
         self._check_length(input_ids)
-        kernel = kernel or self._decided(input_ids).attention_kernel
+        kernel = kernel or self.cfg.attention_kernel
         attn = attention_inputs(keep, kernel)  # built once for every layer
         return self._layers(self.embeddings(input_ids), attn)
 
@@ -242,10 +242,6 @@ class RobertaMLM(nn.Module):
         positions = position_ids(input_ids, self.cfg.pad_id).flatten()[unpad_index][None]
         x = self._layers(self.embeddings(ids, positions), attn)
         return x[0], attn.mask
-
-    def _decided(self, input_ids: torch.Tensor) -> ModelConfig:
-        """The config with "auto" attention_kernel / unpad decided for where these inputs run."""
-        return self._auto[flash_capable(input_ids.device, self.embeddings.word.weight.dtype)]
 
     def _layers(self, x: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         for layer in self.layers:
@@ -276,7 +272,7 @@ class RobertaMLM(nn.Module):
         `count_correct=True` (validation) returns (loss, correct): correct is the int64 number of
         labelled entries whose top-1 prediction (argmax over the vocabulary) is the label.
         """
-        if self._decided(input_ids).unpad and unpad_index is not None and has_padding:
+        if self.cfg.unpad and unpad_index is not None and has_padding:
             hidden, offsets = self.encode_unpadded(input_ids, unpad_index)  # (N, H)
             picked = hidden[offsets[:-1, None].long() + mlm_positions]  # (B, K, H); slot 0 of a row exists
         else:
