@@ -12,7 +12,7 @@ from test_model import PAD, V, batch, make_model, mlm_targets
 
 from roberta_ds.config import model_config, resolve_auto
 from roberta_ds.data.masking import check_right_padded, unpad_index
-from roberta_ds.engine.trainer import model_inputs
+from roberta_ds.engine.validation import model_inputs
 from roberta_ds.errors import ConfigError, ShardFormatError
 from roberta_ds.model import attention
 from roberta_ds.model import model as model_module

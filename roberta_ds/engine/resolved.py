@@ -24,7 +24,13 @@ import torch
 from roberta_ds.config import TrainConfig, load_train_config, resolve_auto
 from roberta_ds.data.sampling import BatchPlan
 from roberta_ds.data.tokenizer import TokenizerInfo, load_tokenizer_info, tokenizer_vocab_size
-from roberta_ds.engine.ds_config import batch_plan, check_precision_runs, load_ds_config, precision, zero_stage
+from roberta_ds.engine.ds_config import (
+    batch_plan,
+    check_precision_runs,
+    load_ds_config,
+    precision,
+    zero_stage,
+)
 from roberta_ds.errors import ConfigError
 from roberta_ds.launch import dist
 from roberta_ds.launch.dist import DistEnv

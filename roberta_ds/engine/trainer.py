@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from roberta_ds.checkpoint import commit as ckpt
@@ -21,11 +20,11 @@ from roberta_ds.comm import all_reduce, comm_device
 from roberta_ds.config import config_to_dict
 from roberta_ds.data.order import data_identity
 from roberta_ds.engine.comm_report import CommMeter, comms_logging, summary_line
-from roberta_ds.engine.ds_config import precision, zero_stage
 from roberta_ds.engine.metrics import MetricsSink, Window, console_line, flops_per_token, mfu, peak_tflops
 from roberta_ds.engine.optim import lr_at
 from roberta_ds.engine.runtime import Runtime
 from roberta_ds.engine.spike import SpikeGuard, action
+from roberta_ds.engine.validation import evaluate, model_inputs, run_baselines
 from roberta_ds.launch import dist
 from roberta_ds.launch.faults import Faults, spike_factor
 from roberta_ds.launch.signals import StopFlag, children_ignore_stop_signals
@@ -47,8 +46,8 @@ def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
         "global_batch": rt.plan.global_batch,
         "micro_batch": rt.plan.micro_batch,
         "grad_accum": rt.plan.grad_accum,
-        "zero_stage": zero_stage(rt.ds),
-        "precision": precision(rt.ds),
+        "zero_stage": rt.run.zero_stage,
+        "precision": rt.run.precision,
         "samples_consumed": rt.step * rt.plan.global_batch,
         "skipped_steps": rt.skipped_total,
         "tokens_seen": rt.tokens_seen,
@@ -57,62 +56,6 @@ def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
         "data_identity": data_identity(cfg.data, [s.manifest for s in rt.data.sources]),  # data_order.py
         "data_order": rt.order.to_json(),
     }
-
-
-def model_inputs(
-    batch: dict[str, torch.Tensor], device: torch.device, unpad: bool
-) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """The engine's arguments for one batch, copied without blocking: (ids, positions, labels), and the
-    loader's `unpad_index` when the model runs unpadded (`model.unpad`)."""
-    args = tuple(batch[k].to(device, non_blocking=True) for k in ("input_ids", "mlm_positions", "mlm_labels"))
-    if not unpad:
-        return args, {}
-    index = batch["unpad_index"].to(device, non_blocking=True)
-    torch._dynamo.maybe_mark_dynamic(index, 0)  # a new length every batch: one graph, not one per length
-    return args, {"unpad_index": index}
-
-
-def evaluate(rt: Runtime, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Validation over every rank's masked positions, token-weighted: {valid_loss, valid_ppl, valid_acc}
-    (valid_acc: the share of masked positions whose top-1 prediction is the original token)."""
-    rt.engine.eval()
-    total = torch.zeros(3, dtype=torch.float64, device=comm_device(rt.device))  # loss x n, n, correct
-    with torch.no_grad():
-        for b in batches:
-            args, kwargs = model_inputs(b, rt.device, rt.cfg.model.unpad)
-            loss, correct = rt.engine(*args, **kwargs, count_correct=True)  # loss 0 when nothing is masked
-            n = (args[2] != -100).sum()
-            total += torch.stack([torch.where(n > 0, loss.double() * n, 0.0), n.double(),
-                                  correct.double()]).to(total.device)
-    rt.engine.train()
-    all_reduce(total)
-    count = total[1].clamp(min=1)
-    loss = (total[0] / count).item()
-    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0)), "valid_acc": (total[2] / count).item()}
-
-
-def run_baselines(rt: Runtime, valid: bool) -> tuple[dict[str, float], dict[str, float]]:
-    """The context-free baselines of the run's data (unigram.py) as metric fields: `unigram_*` of the
-    training blend, and `valid_unigram_*` of the validation sets (empty without validation). Every rank
-    calls it: sets without stored statistics are counted across ranks."""
-    from roberta_ds.data.unigram import describe, group_stats, metric_fields
-
-    def sum_ranks(counts: np.ndarray) -> np.ndarray:
-        return all_reduce(torch.from_numpy(counts).to(comm_device(rt.device))).cpu().numpy()
-
-    def log(message: str) -> None:
-        dist.print0(f"[roberta-ds] {message}")
-
-    rank, world = rt.env.rank, rt.env.world_size
-    blend = rt.data.blend  # mixture weights: samples drawn per block of each set
-    train = group_stats([s.path for s in rt.data.sources], [c / n for c, n in zip(blend.counts, blend.sizes)],
-                        rank, world, sum_ranks, log)
-    dist.print0(f"[roberta-ds] context-free baseline, {describe('training data', train)}")
-    if not valid:
-        return metric_fields("", train), {}
-    stats = group_stats([s.path for s in rt.cfg.data.valid], None, rank, world, sum_ranks, log)
-    dist.print0(f"[roberta-ds] context-free baseline, {describe('validation data', stats)}")
-    return metric_fields("", train), metric_fields("valid_", stats)
 
 
 def peak_memory_gib(device: torch.device) -> float:

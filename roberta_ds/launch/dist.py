@@ -53,6 +53,7 @@ from roberta_ds.launch.mpi import (
     mpi_place,
 )
 from roberta_ds.launch.slurm import (
+    Place,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
     parse_tasks_per_node,
@@ -77,18 +78,10 @@ _free_port = free_port  # the name tests use
 
 
 @dataclass(frozen=True)
-class DistEnv:
-    """This process's place in the job; `export_env` turns it into torch's env:// variables."""
+class DistEnv(Place):
+    """This process's place in the job (Place's fields) and which launcher told it; `export_env` turns
+    it into torch's env:// variables."""
 
-    rank: int
-    """Global rank, 0 <= rank < world_size."""
-    world_size: int
-    local_rank: int
-    """Rank among the processes on this node (selects the GPU)."""
-    local_world_size: int
-    master_addr: str
-    """Host of rank 0, where torch.distributed's TCPStore listens."""
-    master_port: int
     source: str
     """Which launcher's variables were used: one of SOURCES."""
     mpi_size: int | None = field(default=None, compare=False)

@@ -22,14 +22,18 @@ outgoing connection on the master node cannot already hold the port."""
 
 
 @dataclass(frozen=True)
-class SlurmPlace:
-    """This task's place in an srun step and the step's rendezvous."""
+class Place:
+    """A process's place in a job and the job's rendezvous (what an srun step gives each task;
+    launch/dist.DistEnv adds where it was read from)."""
 
     rank: int
+    """Global rank, 0 <= rank < world_size."""
     world_size: int
     local_rank: int
+    """Rank among the processes on this node (selects the GPU)."""
     local_world_size: int
     master_addr: str
+    """Host of rank 0, where torch.distributed's TCPStore listens."""
     master_port: int
 
 
@@ -114,7 +118,7 @@ def slurm_step_applies(environ: Mapping[str, str]) -> tuple[bool, str]:
     return True, ""
 
 
-def slurm_place(environ: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> SlurmPlace:
+def slurm_place(environ: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> Place:
     """This task's place in its srun step (call only when `slurm_step_applies`)."""
     missing = [v for v in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID") if v not in environ]
     if missing:
@@ -157,4 +161,4 @@ def slurm_place(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
     else:
         step_id = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID") or "0"
         port = slurm_port(env_int(environ, "SLURM_JOB_ID"), int(step_id) if step_id.isdigit() else 0)
-    return SlurmPlace(rank, world, local_rank, local_world, master, port)
+    return Place(rank, world, local_rank, local_world, master, port)

@@ -3,9 +3,9 @@
 `model.attention_kernel` picks one; both give the same outputs at real positions and the same loss
 and gradients (padding positions never reach the loss):
 
-- "sdpa": `F.scaled_dot_product_attention` with a (B, 1, 1, T) key-padding mask. On an H100 with
-  torch 2.11 PyTorch runs cuDNN's fused attention for it (bench/model_check.py); a mask rules out
-  PyTorch's own FlashAttention-2 kernel.
+- "sdpa": `F.scaled_dot_product_attention` with a (B, 1, 1, T) key-padding mask. On Hopper GPUs
+  PyTorch runs cuDNN's fused attention for it (bench/model_check.py shows which kernel runs); a mask
+  rules out PyTorch's own FlashAttention-2 kernel.
 - "varlen": the (B, T) batch is seen as 2B variable-length segments laid end to end, each row's real
   tokens and then its padding: cu_seqlens = [0, n_0, T, T + n_1, 2T, ..., (B-1)T + n_{B-1}, BT].
   A real query attends exactly to its row's real keys, as under the key mask; padding attends only

@@ -8,8 +8,8 @@ precision and sharding belong to the engine (engine/).
 
 Speed choices, none of which changes the maths:
 - attention (roberta_ds/model/attention.py, `model.attention_kernel`): "sdpa" runs
-  `F.scaled_dot_product_attention` with a key-padding mask (cuDNN's fused kernels on an H100, torch
-  2.11, measured by bench/model_check.py); "varlen" runs FlashAttention-2's variable-length kernel,
+  `F.scaled_dot_product_attention` with a key-padding mask (cuDNN's fused kernels on Hopper GPUs;
+  bench/model_check.py shows which kernel runs); "varlen" runs FlashAttention-2's variable-length kernel,
   with dropout, over each row's real tokens and its padding as separate segments, with no mask. Q, K
   and V come from one fused projection; `has_padding=False` drops the mask for a batch without padding;
 - `model.unpad` (with "varlen") runs the layers on the real tokens only, packed into one
