@@ -39,21 +39,22 @@ def take(it, n):
 
 
 def expected_row(data, src, block):
-    """A block's row and its sentence-start positions, rebuilt from ShardReader (the mmap path),
-    independently of read_rows."""
+    """A block's row and its sentence-start positions, rebuilt from ShardReader and the shard's
+    index, independently of read_rows and its block index."""
     idx = data.sources[src].blocks
     r = ShardReader(data.sources[src].files[int(idx.shard[block])].path.with_suffix(""))
     start, n = int(idx.start[block]), int(idx.length[block])
     offsets = r.token_offsets()
     doc_starts = set(offsets[r.document_indices[:-1]].tolist())
     sentence_starts = set(offsets.tolist())
+    tokens = r.read(start, n)
     row, starts = [SPECIALS["bos"]], []
     for t in range(start, start + n):
         if t in doc_starts and t != start and data.cfg.packing == "full-sentences":
             row.append(SPECIALS["eos"])
         if t in sentence_starts and t != start:
             starts.append(len(row))
-        row.append(int(r.tokens[t]))
+        row.append(int(tokens[t - start]))
     return row + [SPECIALS["eos"]], starts
 
 

@@ -1,7 +1,8 @@
-"""A shard's `.bin` tokens read with `os.pread` on a lazily opened, identity-checked descriptor.
+"""The one reader of a shard's `.bin` tokens: `os.pread` on a lazily opened, identity-checked descriptor.
 
-The training loop (`read_rows` in reading.py) reads tokens through `ShardFile`: with `os.pread`,
-checking every read's byte count, on a descriptor (re)opened only after `fstat` shows the file the
+Every token read of the package goes through `ShardFile` (`ShardReader` in shards.py for tools and
+index building, `read_rows` in reading.py for training). Tokens are read with `os.pread` and every
+read's byte count is checked, and a descriptor is (re)opened only after `fstat` shows the file the
 shard was opened with (device, inode, size). So a shard deleted, replaced or truncated while it is
 read raises ShardFormatError naming the file -- never a SIGBUS from a truncated memory map, never
 stale bytes of an unlinked file. `check()` also compares the path with the descriptor (and the link
@@ -103,18 +104,6 @@ class ShardFile:
     def max_open(self) -> int:
         """How many descriptors may be open at once alongside this one (its cache's bound)."""
         return self.cache.max_open if self.cache is not None else sys.maxsize
-
-    @classmethod
-    def open(
-        cls, path: Path, dtype: np.dtype, expected_size: int, cache: DescriptorCache | None = None
-    ) -> ShardFile:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise ShardFormatError(f"{path}: file not found") from None
-        if st.st_size != expected_size:
-            raise ShardFormatError(f"{path}: {st.st_size} bytes, its index describes {expected_size}")
-        return cls(path, dtype, (st.st_dev, st.st_ino, st.st_size), cache)
 
     def _gone(self, why: str) -> ShardFormatError:
         return ShardFormatError(

@@ -1,7 +1,8 @@
 """Reading blocks from shards: `os.pread` on per-process descriptors, rows assembled for the batch.
 
-A `Source` is one opened shard set: its manifest, a `ShardFile` per shard (bin_file.py) and its
-`BlockIndex` (blocks.py). `read_rows` turns (source, block) pairs into the rows the collator masks.
+A `Source` is one opened shard set: its manifest, a `ShardFile` per shard (bin_file.py, the one
+`.bin` reader) and its `BlockIndex` (blocks.py). `read_rows` turns (source, block) pairs into the
+rows the collator masks.
 
 Tokens are read with `os.pread`, never a memory map, and once per batch each shard the batch touches
 is checked against the file it was opened as (`ShardFile.check`): a shard deleted, replaced or
@@ -21,7 +22,7 @@ import numpy as np
 from roberta_ds.config import DataConfig
 from roberta_ds.data.bin_file import DescriptorCache, ShardFile
 from roberta_ds.data.blocks import BlockIndex, Offsets, build_block_index
-from roberta_ds.data.shards import Manifest, bin_path, open_shards
+from roberta_ds.data.shards import Manifest, open_shards
 from roberta_ds.errors import ShardFormatError
 
 
@@ -38,13 +39,10 @@ class Source:
 def open_source(path: str, cfg: DataConfig, descriptors: DescriptorCache) -> Source:
     """Open a shard set and pack its blocks (keeping sentence starts for whole-word masking); its
     `.bin` files keep their descriptors in `descriptors`."""
-    manifest, readers = open_shards(path)
-    files = []
-    for r in readers:
-        size = int(r.sequence_pointers[-1]) + int(r.sequence_lengths[-1]) * r.dtype.itemsize if len(r) else 0
-        files.append(ShardFile.open(bin_path(r.prefix), r.dtype, size, descriptors))
+    manifest, readers = open_shards(path, descriptors)
+    files = [r.bin for r in readers]
     blocks = build_block_index(readers, cfg.max_seq_len, cfg.packing, sentence_starts=cfg.whole_word_mask)
-    del readers  # the index is built; nothing maps the shards any more
+    del readers  # the index is built; nothing maps the `.idx` files any more
     if len(blocks) == 0:
         raise ShardFormatError(f"{path}: the shard set holds no tokens")
     return Source(str(path), manifest, files, blocks)
