@@ -62,10 +62,8 @@ def shard_prefix(arg: str | Path) -> Path:
 def _counts(prefix: Path, vocab_size: int) -> np.ndarray:
     """(vocab_size,) token counts of one verified shard (ids already checked below vocab_size)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    tokens = ShardReader(prefix).tokens
-    for start in range(0, len(tokens), COUNT_CHUNK):
-        part = np.bincount(tokens[start : start + COUNT_CHUNK], minlength=vocab_size)
-        counts += part
+    for _, tokens in ShardReader(prefix).iter_token_chunks(COUNT_CHUNK):
+        counts += np.bincount(tokens, minlength=vocab_size)
     return counts
 
 
@@ -94,7 +92,8 @@ def check_foreign_shard(prefix: Path, tok: TokenizerInfo, tokenizer_arg: str) ->
     for role in IN_DATA_REFUSED:
         i = tok.special_ids[role]
         if counts[i]:
-            where = np.flatnonzero(reader.tokens == i)[0]
+            where = next(start + int(np.flatnonzero(part == i)[0])
+                         for start, part in reader.iter_token_chunks(COUNT_CHUNK) if (part == i).any())
             seq = int(np.searchsorted(reader.token_offsets(), where, side="right")) - 1
             raise UserError(
                 f"{bpath}: holds {SPECIAL_TOKENS[role]} (id {i}) {int(counts[i]):,} time(s), first in sequence "

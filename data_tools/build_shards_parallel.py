@@ -196,7 +196,7 @@ def _documents_of(parts: list[Path], split: str, dtype: np.dtype, sha256: str) -
                     ),
                 )
                 s0, s1 = int(seq_end[d - 1]) if d else 0, int(seq_end[e - 1])
-                yield np.asarray(r.tokens[tok_end[d] : tok_end[e]]), lengths[s0:s1], per_doc[d:e]
+                yield r.read(int(tok_end[d]), int(tok_end[e] - tok_end[d])), lengths[s0:s1], per_doc[d:e]
                 d = e
 
 

@@ -13,7 +13,7 @@ import torch
 from synthetic_shards import SPECIALS, random_corpus, write_set
 
 from roberta_ds.config import DataConfig, DataSource
-from roberta_ds.data.loader import BatchPlan, open_train_data, train_loader, valid_batches
+from roberta_ds.data.loader import BatchPlan, DescriptorCache, open_train_data, train_loader, valid_batches
 from roberta_ds.data.masking import IGNORE_INDEX, mask_slots
 from roberta_ds.data.shards import ShardReader
 from roberta_ds.errors import ConfigError, ShardFormatError
@@ -39,21 +39,22 @@ def take(it, n):
 
 
 def expected_row(data, src, block):
-    """A block's row and its sentence-start positions, rebuilt from ShardReader (the mmap path),
-    independently of read_rows."""
+    """A block's row and its sentence-start positions, rebuilt from ShardReader and the shard's
+    index, independently of read_rows and its block index."""
     idx = data.sources[src].blocks
     r = ShardReader(data.sources[src].files[int(idx.shard[block])].path.with_suffix(""))
     start, n = int(idx.start[block]), int(idx.length[block])
     offsets = r.token_offsets()
     doc_starts = set(offsets[r.document_indices[:-1]].tolist())
     sentence_starts = set(offsets.tolist())
+    tokens = r.read(start, n)
     row, starts = [SPECIALS["bos"]], []
     for t in range(start, start + n):
         if t in doc_starts and t != start and data.cfg.packing == "full-sentences":
             row.append(SPECIALS["eos"])
         if t in sentence_starts and t != start:
             starts.append(len(row))
-        row.append(int(r.tokens[t]))
+        row.append(int(tokens[t - start]))
     return row + [SPECIALS["eos"]], starts
 
 
@@ -286,11 +287,8 @@ def test_loader_rejects_bad_arguments(shard_set):
         )
 
 
-def test_descriptor_lru_reopens_safely(shard_set, monkeypatch):
-    import roberta_ds.data.reading as reading
-
-    monkeypatch.setattr(reading, "MAX_OPEN_SHARDS", 1)
-    data = open_train_data(cfg_for(shard_set))
+def test_descriptor_lru_reopens_safely(shard_set):
+    data = open_train_data(cfg_for(shard_set), DescriptorCache(max_open=1))
     blocks = [first_block_of_shard(data, 0), first_block_of_shard(data, 1)]
     want, _ = data.rows(np.zeros(2, np.int64), np.array(blocks))
     f0, f1 = data.sources[0].files
@@ -306,6 +304,28 @@ def test_descriptor_lru_reopens_safely(shard_set, monkeypatch):
     os.replace(copy, victim)
     with pytest.raises(ShardFormatError, match=r"shard-000\.bin: replaced"):
         data.rows(np.zeros(1, np.int64), np.array([blocks[0]]))
+
+
+def test_descriptor_caches_are_objects_not_module_state(shard_set):
+    import roberta_ds.data.bin_file as bin_file
+    import roberta_ds.data.reading as reading
+
+    for mod in (bin_file, reading):  # no module-level table, list or cache that functions mutate
+        held = [n for n, v in vars(mod).items() if not n.startswith("__") and (
+            isinstance(v, (dict, list, set, bytearray)) or type(v).__module__.startswith("roberta_ds"))]
+        assert held == [], f"{mod.__name__} keeps module-level state {held}"
+    a, b = DescriptorCache(max_open=1), DescriptorCache(max_open=1)
+    da, db = open_train_data(cfg_for(shard_set), a), open_train_data(cfg_for(shard_set), b)
+    fa, fb = da.sources[0].files[0], db.sources[0].files[0]
+    fa.fd(), fb.fd()
+    assert len(a) == len(b) == 1  # each cache holds its own; neither evicted the other's
+    da.sources[0].files[1].fd()  # evicts fa from a only
+    assert fa._fd is None and fb._fd is not None and len(a) == len(b) == 1
+    # Pickled together, a run's files share one fresh, empty cache (a DataLoader worker's).
+    clone = pickle.loads(pickle.dumps(db))
+    caches = {id(f.cache) for f in clone.sources[0].files}
+    assert len(caches) == 1 and clone.sources[0].files[0].cache is not b
+    assert len(clone.sources[0].files[0].cache) == 0 and clone.sources[0].files[0].cache.max_open == 1
 
 
 def test_opening_writes_no_cache_file(shard_set):

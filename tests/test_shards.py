@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import subprocess
@@ -158,6 +159,32 @@ def test_reader_pickles_as_its_path(tmp_path):
     with pytest.raises(IndexError):
         r2[3]
     assert r2[-1].tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("opened", [False, True])
+def test_reader_names_a_bin_truncated_after_opening(tmp_path, opened):
+    # Tokens come through pread, never a map: truncation is a named error, not a SIGBUS.
+    write_docs(tmp_path / "s", np.uint16, [[[1, 2, 3]], [[4], [5, 6]]])
+    r = ShardReader(tmp_path / "s")
+    if opened:
+        assert r[0].tolist() == [1, 2, 3]  # the descriptor is open now
+    os.truncate(bin_path(tmp_path / "s"), 4)
+    with pytest.raises(ShardFormatError, match=r"s\.bin: truncated"):
+        r[2]
+    with pytest.raises(ShardFormatError, match=r"s\.bin: truncated"):
+        list(r.iter_token_chunks())
+    with pytest.raises(ShardFormatError, match=r"s\.bin: size 4 bytes.*truncated"):
+        verify_shard(tmp_path / "s", vocab_size=10)
+
+
+def test_reader_reads_tokens_in_chunks(tmp_path):
+    write_docs(tmp_path / "s", np.uint16, [[[1, 2, 3]], [[4], [5, 6]]])
+    r = ShardReader(tmp_path / "s")
+    assert r.bin_tokens == r.num_tokens == 6
+    assert r.read(1, 4).tolist() == [2, 3, 4, 5] and r.read(6, 0).tolist() == []
+    assert [(start, t.tolist()) for start, t in r.iter_token_chunks(4)] == [(0, [1, 2, 3, 4]), (4, [5, 6])]
+    with pytest.raises(IndexError, match="out of range"):
+        r.read(5, 2)
 
 
 def test_empty_shard(tmp_path):

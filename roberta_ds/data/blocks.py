@@ -24,7 +24,7 @@ FULL-SENTENCES, the within-block offsets of the inserted </s> tokens in CSR form
 2 bytes per document), and, for whole-word masking only, the offsets where sentences start
 (`sentence_starts`; 2 bytes per sentence). These are computed here, once, rather than looked up
 in the shard's index at read time, so that the read path touches no memory map at all: the tokens
-are read with `os.pread` (see reading.py), and a shard truncated while training gives an error that
+are read with `os.pread` (bin_file.py), and a shard truncated while training gives an error that
 names the file instead of a SIGBUS.
 
 Building is vectorised over windows of 128K sentences (cumulative sums + one `searchsorted` give,

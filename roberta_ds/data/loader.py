@@ -6,8 +6,9 @@
         loss = model(batch["input_ids"], batch["mlm_positions"], batch["mlm_labels"])
 
 Pieces (one job per file): blocks.py packs sentences into blocks; reading.py opens shard sets and
-reads blocks' rows (pread, never the mmap); sampling.py defines the global order, the blend and the
-rank slices; masking.py masks and collates. This file ties them together and runs the DataLoader.
+reads blocks' rows through bin_file.py's pread reader (never a memory map); sampling.py defines the
+global order, the blend and the rank slices; masking.py masks and collates. This file ties them
+together and runs the DataLoader.
 
 Nothing is cached on disk: every process builds the same index from the shards' `.idx` files, so
 no two ranks or nodes ever race on a cache file.
@@ -23,15 +24,17 @@ import numpy as np
 import torch
 
 from roberta_ds.config import DataConfig, DataSource
+from roberta_ds.data.bin_file import DescriptorCache, ShardFile
 from roberta_ds.data.masking import MaskingCollator, MaskSpec, mask_slots
 from roberta_ds.data.order import DataOrder
-from roberta_ds.data.reading import ShardFile, Source, open_source, read_rows
+from roberta_ds.data.reading import Source, open_source, read_rows
 from roberta_ds.data.sampling import BatchPlan, Blend, micro_batch_indices
 from roberta_ds.data.shards import Manifest, read_manifest
 from roberta_ds.errors import ConfigError, UserError
 
 __all__ = [
     "BatchPlan",
+    "DescriptorCache",
     "ShardFile",
     "TrainData",
     "open_train_data",
@@ -64,7 +67,8 @@ def _check_same_tokenizer(manifests: dict[str, Manifest]) -> Manifest:
 
 
 class TrainData:
-    """Opened training sources + their blend. Pickles by value (arrays + ShardFile paths)."""
+    """Opened training sources + their blend. Pickles by value (arrays + ShardFile paths; their
+    DescriptorCache pickles empty, so each DataLoader worker opens its own descriptors)."""
 
     def __init__(self, sources: list[Source], weights: list[float], cfg: DataConfig) -> None:
         self.sources = sources
@@ -111,15 +115,22 @@ class TrainData:
         return read_rows(self.sources, src, block, self.cfg.max_seq_len, self.special_ids)
 
 
-def _open_sources(sources: tuple[DataSource, ...], cfg: DataConfig, field: str) -> list[Source]:
+def _open_sources(
+    sources: tuple[DataSource, ...], cfg: DataConfig, field: str, descriptors: DescriptorCache
+) -> list[Source]:
     if not sources:
         raise ConfigError(f"data.{field}: no shard sets given (build them with `roberta-ds build-shards`)")
-    return [open_source(s.path, cfg) for s in sources]
+    return [open_source(s.path, cfg, descriptors) for s in sources]
 
 
-def open_train_data(cfg: DataConfig) -> TrainData:
-    """Open and check every training shard set, pack blocks, build the blend. No cache file is written."""
-    sources = _open_sources(cfg.train, cfg, "train")
+def open_train_data(cfg: DataConfig, descriptors: DescriptorCache | None = None) -> TrainData:
+    """Open and check every training shard set, pack blocks, build the blend. No cache file is written.
+
+    Every shard's `.bin` keeps its descriptor in `descriptors` (a new DescriptorCache when None):
+    one bound on the open descriptors for the whole run, per process."""
+    if descriptors is None:
+        descriptors = DescriptorCache()
+    sources = _open_sources(cfg.train, cfg, "train", descriptors)
     return TrainData(sources, [s.weight for s in cfg.train], cfg)
 
 
@@ -240,7 +251,7 @@ def valid_batches(
             "valid_batches: need 0 <= rank < world_size, micro_batch >= 1, max_batches >= 0; got "
             f"rank={rank}, world_size={world_size}, micro_batch={micro_batch}, max_batches={max_batches}"
         )
-    sources = _open_sources(cfg.valid, cfg, "valid")
+    sources = _open_sources(cfg.valid, cfg, "valid", DescriptorCache())
     manifests = {s.path: s.manifest for s in sources}
     manifests.update({t.path: read_manifest(t.path) for t in cfg.train})
     manifest = _check_same_tokenizer(manifests)

@@ -1,141 +1,29 @@
 """Reading blocks from shards: `os.pread` on per-process descriptors, rows assembled for the batch.
 
-A `Source` is one opened shard set: its manifest, a `ShardFile` per shard and its `BlockIndex`
-(blocks.py). `read_rows` turns (source, block) pairs into the rows the collator masks.
+A `Source` is one opened shard set: its manifest, a `ShardFile` per shard (bin_file.py, the one
+`.bin` reader) and its `BlockIndex` (blocks.py). `read_rows` turns (source, block) pairs into the
+rows the collator masks.
 
-Why not the memory map: tokens are read with `os.pread` on a descriptor each process opens itself
-(lazily, after unpickling or fork), and every read's byte count is checked; once per batch each
-shard the batch touches is `stat`-ed and compared with the descriptor (device, inode, size, link
-count). So a shard deleted, replaced or truncated while training raises ShardFormatError naming
-the file -- never a SIGBUS from a truncated mmap, never stale bytes of an unlinked file. The
-shard's `.idx` is only read while the index is built (blocks.py); nothing maps it afterwards.
-Everything pickles as paths + identities + arrays, so DataLoader workers reopen on their own.
+Tokens are read with `os.pread`, never a memory map, and once per batch each shard the batch touches
+is checked against the file it was opened as (`ShardFile.check`): a shard deleted, replaced or
+truncated while training raises ShardFormatError naming the file. The shard's `.idx` is only read
+while the index is built (blocks.py); nothing maps it afterwards. The open descriptors are bounded
+by a `DescriptorCache` the caller passes in (one per training run or validation set). Everything
+pickles as paths + identities + arrays, so DataLoader workers reopen on their own.
 """
 
 from __future__ import annotations
 
-import os
-import stat
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from roberta_ds.config import DataConfig
+from roberta_ds.data.bin_file import DescriptorCache, ShardFile
 from roberta_ds.data.blocks import BlockIndex, Offsets, build_block_index
-from roberta_ds.data.shards import Manifest, bin_path, open_shards
+from roberta_ds.data.shards import Manifest, open_shards
 from roberta_ds.errors import ShardFormatError
-
-MAX_OPEN_SHARDS = 256
-"""Descriptors a process keeps open at once (least recently used closed first): a 1T-token corpus
-has thousands of shards, more than the usual `ulimit -n` of 1024."""
-_open: OrderedDict[int, ShardFile] = OrderedDict()  # this process's open shards, least recent first
-_open_pid = os.getpid()
-
-
-def _track(f: ShardFile) -> None:
-    """Mark `f` most recently used; close the least recently used beyond MAX_OPEN_SHARDS."""
-    global _open_pid
-    if _open_pid != os.getpid():  # a forked child: the parent's table is not ours
-        _open.clear()
-        _open_pid = os.getpid()
-    _open[id(f)] = f
-    _open.move_to_end(id(f))
-    while len(_open) > MAX_OPEN_SHARDS:
-        _open.popitem(last=False)[1].close()
-
-
-class ShardFile:
-    """One shard's `.bin`, read with `os.pread`; pickles as (path, dtype, identity) and reopens lazily.
-
-    Reopening (after fork, unpickling or an LRU close) checks the file is still the one the index
-    was built from, so closing a descriptor never lets a replaced file in.
-    """
-
-    def __init__(self, path: Path, dtype: np.dtype, identity: tuple[int, int, int]) -> None:
-        self.path = Path(path)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.identity = identity  # (st_dev, st_ino, st_size) of the file the index was built from
-        self._fd: int | None = None
-        self._pid = -1
-
-    @classmethod
-    def open(cls, path: Path, dtype: np.dtype, expected_size: int) -> ShardFile:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise ShardFormatError(f"{path}: file not found") from None
-        if st.st_size != expected_size:
-            raise ShardFormatError(f"{path}: {st.st_size} bytes, its index describes {expected_size}")
-        return cls(path, dtype, (st.st_dev, st.st_ino, st.st_size))
-
-    def _gone(self, why: str) -> ShardFormatError:
-        return ShardFormatError(
-            f"{self.path}: {why} while the data pipeline had it open; shards must not change during a run "
-            "(restore the file, or restart so the index is rebuilt)"
-        )
-
-    def fd(self) -> int:
-        pid = os.getpid()
-        if self._fd is not None and self._pid == pid:
-            _track(self)
-            return self._fd
-        if self._fd is not None:  # inherited through fork: close the child's copy, open our own
-            os.close(self._fd)
-            self._fd = None
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise self._gone("deleted") from None
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size) != self.identity:
-            os.close(fd)
-            if (st.st_dev, st.st_ino) != self.identity[:2]:
-                raise self._gone("replaced by another file")
-            raise self._gone(f"truncated or resized ({st.st_size} bytes, was {self.identity[2]})")
-        self._fd, self._pid = fd, pid
-        _track(self)
-        return fd
-
-    def check(self) -> None:
-        """Is the path still the file we read, with its size? (called once per batch)"""
-        fd = self.fd()
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise self._gone("deleted or renamed") from None
-        fst = os.fstat(fd)
-        if fst.st_nlink == 0 or not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != self.identity[:2]:
-            raise self._gone("deleted or replaced")
-        if st.st_size != self.identity[2] or fst.st_size != self.identity[2]:
-            raise self._gone(f"truncated or resized ({fst.st_size} bytes, was {self.identity[2]})")
-
-    def read(self, start: int, count: int, fd: int | None = None) -> np.ndarray:
-        """Tokens [start, start + count) as a (count,) array of the shard's dtype; `fd`: this file's
-        descriptor from `fd()` when the caller already holds it (read_rows, once per batch)."""
-        nbytes, offset = count * self.dtype.itemsize, start * self.dtype.itemsize
-        data = os.pread(self.fd() if fd is None else fd, nbytes, offset)
-        if len(data) != nbytes:
-            raise self._gone(f"truncated (read {len(data)} of {nbytes} bytes at offset {offset})")
-        return np.frombuffer(data, dtype=self.dtype)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path), "dtype": self.dtype.str, "identity": self.identity}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(Path(state["path"]), np.dtype(state["dtype"]), tuple(state["identity"]))
-
-    def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-            _open.pop(id(self), None)
-        self._fd = None
-
-    def __del__(self) -> None:
-        self.close()
 
 
 @dataclass
@@ -148,15 +36,13 @@ class Source:
     blocks: BlockIndex
 
 
-def open_source(path: str, cfg: DataConfig) -> Source:
-    """Open a shard set and pack its blocks (keeping sentence starts for whole-word masking)."""
-    manifest, readers = open_shards(path)
-    files = []
-    for r in readers:
-        size = int(r.sequence_pointers[-1]) + int(r.sequence_lengths[-1]) * r.dtype.itemsize if len(r) else 0
-        files.append(ShardFile.open(bin_path(r.prefix), r.dtype, size))
+def open_source(path: str, cfg: DataConfig, descriptors: DescriptorCache) -> Source:
+    """Open a shard set and pack its blocks (keeping sentence starts for whole-word masking); its
+    `.bin` files keep their descriptors in `descriptors`."""
+    manifest, readers = open_shards(path, descriptors)
+    files = [r.bin for r in readers]
     blocks = build_block_index(readers, cfg.max_seq_len, cfg.packing, sentence_starts=cfg.whole_word_mask)
-    del readers  # the index is built; nothing maps the shards any more
+    del readers  # the index is built; nothing maps the `.idx` files any more
     if len(blocks) == 0:
         raise ShardFormatError(f"{path}: the shard set holds no tokens")
     return Source(str(path), manifest, files, blocks)
@@ -209,9 +95,9 @@ def read_rows(
     touched = set(files)
     for f in touched:
         f.check()  # once per batch per shard touched: deleted, replaced or truncated -> named error
-    # Descriptors looked up once per shard, not per row, while they all stay open (the LRU keeps
-    # MAX_OPEN_SHARDS; a batch over more shards than that looks each one up as it reads).
-    fds = {f: f.fd() for f in touched} if len(touched) <= MAX_OPEN_SHARDS else {}
+    # Descriptors looked up once per shard, not per row, while they all stay open (a DescriptorCache
+    # keeps max_open; a batch over more shards than that looks each one up as it reads).
+    fds = {f: f.fd() for f in touched} if len(touched) <= min(f.max_open for f in touched) else {}
     parts = [f.read(st, n, fds.get(f)) for f, st, n in zip(files, start.tolist(), length.tolist())]
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # (N,) all rows' tokens
 

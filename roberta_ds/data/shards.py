@@ -1,4 +1,7 @@
-"""THE on-disk token format: memory-mapped `.bin/.idx` shards (Megatron's byte layout) + manifest.
+"""THE on-disk token format: `.bin/.idx` shards (Megatron's byte layout) + manifest, and their reader.
+
+`ShardReader` maps the small `.idx` and reads `.bin` tokens only with `os.pread` (bin_file.py), so a
+shard that changes while it is read gives an error naming the file, never a SIGBUS.
 
 A shard set is a directory holding shards and one `manifest.json`:
 
@@ -67,6 +70,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from roberta_ds.data.bin_file import DescriptorCache, ShardFile
 from roberta_ds.durable import atomic_write_bytes, file_sha256, fsync_dir, read_json_object
 from roberta_ds.errors import ShardFormatError
 
@@ -76,6 +80,8 @@ HEADER_BYTES = 34  # magic 9 + version 8 + dtype 1 + S 8 + D 8
 FORMAT_NAME = "roberta-ds-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+CHUNK_TOKENS = 1 << 24
+"""Tokens per read of a whole-shard pass (`ShardReader.iter_token_chunks`): bounds its memory."""
 
 # megatron-core's DType enum; pinned here because fairseq uses the same magic with another code 6/7.
 DTYPE_CODES: dict[int, np.dtype] = {
@@ -378,18 +384,22 @@ def read_index_header(path: Path) -> IndexHeader:
 
 
 class ShardReader:
-    """Random access to one shard's sequences through memory maps.
+    """One shard: its index, memory-mapped from the `.idx`, and its tokens, read from the `.bin` with
+    `os.pread` through a `ShardFile` (bin_file.py), the one `.bin` reader.
 
-    Opening checks the header, exact `.idx` size and exact `.bin` size (cheap); `verify_shard`
-    does the full check. Pickles as its prefix and reopens lazily, so DataLoader workers each get
-    their own maps.
+    Opening checks the header, exact `.idx` size and exact `.bin` size (cheap); `verify_shard` does
+    the full check. The `.bin` is never mapped: a shard truncated, replaced or deleted after opening
+    gives a ShardFormatError naming the file, not a SIGBUS. Whole-shard passes go chunk by chunk
+    (`iter_token_chunks`). `descriptors` bounds the open `.bin` descriptors of many readers (None:
+    this reader's stays open until `close()`). Pickles as its prefix and reopens lazily, so
+    DataLoader workers each read through their own descriptors.
     """
 
-    def __init__(self, prefix: str | os.PathLike) -> None:
+    def __init__(self, prefix: str | os.PathLike, descriptors: DescriptorCache | None = None) -> None:
         self.prefix = Path(prefix)
-        self._open()
+        self._open(descriptors)
 
-    def _open(self) -> None:
+    def _open(self, descriptors: DescriptorCache | None) -> None:
         ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
         header = read_index_header(ipath)
         self.dtype = header.dtype
@@ -403,26 +413,26 @@ class ShardReader:
             int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if s else 0
         )
         try:
-            actual = bpath.stat().st_size
+            st = bpath.stat()
         except FileNotFoundError:
             raise ShardFormatError(f"{bpath}: file not found (its index {ipath.name} exists)") from None
-        if actual != expected:
+        if st.st_size != expected:
             raise ShardFormatError(
-                f"{bpath}: size {actual} bytes, but {ipath.name} describes {expected}: "
+                f"{bpath}: size {st.st_size} bytes, but {ipath.name} describes {expected}: "
                 "the .bin is truncated or does not belong to this index"
             )
-        self._bin = (
-            np.memmap(bpath, mode="r", dtype=self.dtype.newbyteorder("<"))
-            if actual
-            else np.zeros(0, self.dtype)
-        )
+        self.bin = ShardFile(bpath, self.dtype, (st.st_dev, st.st_ino, st.st_size), descriptors)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"prefix": str(self.prefix)}
+        return {"prefix": str(self.prefix), "descriptors": self.bin.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.prefix = Path(state["prefix"])
-        self._open()
+        self._open(state.get("descriptors"))
+
+    def close(self) -> None:
+        """Close the `.bin` descriptor (a later read reopens it, checking it is the same file)."""
+        self.bin.close()
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -436,13 +446,31 @@ class ShardReader:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
     @property
-    def tokens(self) -> np.ndarray:
-        """All tokens of the shard as one flat memory-mapped array."""
-        return self._bin
+    def bin_tokens(self) -> int:
+        """Tokens the `.bin` holds (its size over the dtype's; equals `num_tokens` in a valid shard)."""
+        return self.bin.identity[2] // self.dtype.itemsize
 
     def token_offsets(self) -> np.ndarray:
-        """Element (not byte) offset of every sequence into `tokens` (int64, length S)."""
+        """Element (not byte) offset of every sequence into the `.bin` (int64, length S)."""
         return self.sequence_pointers // self.dtype.itemsize
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start + count) of the `.bin` (element offsets), as a read-only array."""
+        if start < 0 or count < 0 or start + count > self.bin_tokens:
+            raise IndexError(
+                f"{self.prefix}: tokens [{start}, {start + count}) out of range ({self.bin_tokens} tokens)"
+            )
+        return self.bin.read(start, count)
+
+    def iter_token_chunks(self, chunk_tokens: int = CHUNK_TOKENS) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, tokens) for consecutive chunks of at most `chunk_tokens` covering the whole `.bin`:
+        whole-shard passes (counts, ranges, checks) in bounded memory. Checks first that the path
+        is still the file opened, with its size."""
+        n = self.bin_tokens
+        if n:
+            self.bin.check()
+        for start in range(0, n, chunk_tokens):
+            yield start, self.bin.read(start, min(chunk_tokens, n - start))
 
     def __getitem__(self, i: int) -> np.ndarray:
         n = len(self)
@@ -450,7 +478,7 @@ class ShardReader:
             raise IndexError(f"{self.prefix}: sequence {i} out of range ({n} sequences)")
         i %= n
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
-        return self._bin[start : start + int(self.sequence_lengths[i])]
+        return self.bin.read(start, int(self.sequence_lengths[i]))
 
     def document(self, d: int) -> list[np.ndarray]:
         lo, hi = int(self.document_indices[d]), int(self.document_indices[d + 1])
@@ -597,9 +625,16 @@ def check_tokenizer(manifest: Manifest, fingerprint: str, where: str) -> None:
         )
 
 
-def open_shards(directory: str | os.PathLike) -> tuple[Manifest, list[ShardReader]]:
-    """The manifest and a reader per shard, checking each shard's files against the manifest sizes."""
+def open_shards(
+    directory: str | os.PathLike, descriptors: DescriptorCache | None = None
+) -> tuple[Manifest, list[ShardReader]]:
+    """The manifest and a reader per shard, checking each shard's files against the manifest sizes.
+
+    The readers share `descriptors` (a new DescriptorCache when None), so reading a set of thousands
+    of shards keeps at most its `max_open` `.bin` descriptors open."""
     directory = Path(directory)
+    if descriptors is None:
+        descriptors = DescriptorCache()
     manifest = read_manifest(directory)
     readers = []
     for info in manifest.shards:
@@ -611,7 +646,7 @@ def open_shards(directory: str | os.PathLike) -> tuple[Manifest, list[ShardReade
                 raise ShardFormatError(
                     f"{p}: {p.stat().st_size} bytes, manifest says {want}: truncated or replaced after the build"
                 )
-        readers.append(ShardReader(prefix))
+        readers.append(ShardReader(prefix, descriptors))
     return manifest, readers
 
 
@@ -654,16 +689,14 @@ def verify_shard(
         raise ShardFormatError(
             f"{ipath}: last document index is {int(doc[-1])}, expected {len(r)} (the sequence count)"
         )
-    if vocab_size is not None and len(r.tokens):
-        chunk = 1 << 24
-        for start in range(0, len(r.tokens), chunk):
-            part = r.tokens[start : start + chunk]
+    if vocab_size is not None:
+        for start, part in r.iter_token_chunks():
             hi, lo = int(part.max()), int(part.min())
             if hi >= vocab_size or lo < 0:
-                pos = start + int(np.argmax((part >= vocab_size) | (part < 0)))
-                seq = int(np.searchsorted(r.token_offsets(), pos, side="right")) - 1
+                at = int(np.argmax((part >= vocab_size) | (part < 0)))
+                seq = int(np.searchsorted(r.token_offsets(), start + at, side="right")) - 1
                 raise ShardFormatError(
-                    f"{bpath}: token id {int(r.tokens[pos])} at token {pos} (sequence {seq}) is outside "
+                    f"{bpath}: token id {int(part[at])} at token {start + at} (sequence {seq}) is outside "
                     f"the vocabulary of {vocab_size}"
                 )
     if info is not None:

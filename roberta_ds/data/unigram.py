@@ -93,9 +93,8 @@ def count_tokens(directory: str | Path, manifest: Manifest, shards: Sequence[int
     counts = np.zeros(manifest.vocab_size, dtype=np.int64)
     infos = manifest.shards if shards is None else [manifest.shards[i] for i in shards]
     for info in infos:
-        tokens = ShardReader(Path(directory) / info.name).tokens
-        for start in range(0, len(tokens), COUNT_CHUNK):
-            part = np.bincount(tokens[start : start + COUNT_CHUNK])
+        for _, tokens in ShardReader(Path(directory) / info.name).iter_token_chunks(COUNT_CHUNK):
+            part = np.bincount(tokens)
             if len(part) > len(counts):
                 raise ShardFormatError(
                     f"{Path(directory) / info.name}.bin: holds token id {len(part) - 1}, outside the vocabulary "

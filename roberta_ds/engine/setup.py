@@ -90,9 +90,9 @@ def _scan_token_range(data: Any, vocab_size: int, rank: int, world: int) -> str 
     for i, prefix in enumerate(shards):
         if i % world != rank:
             continue
-        r = ShardReader(prefix)
-        if len(r.tokens) and int(r.tokens.max()) >= vocab_size:
-            return (f"{prefix}.bin: holds token id {int(r.tokens.max())}, but the model's vocabulary has "
+        top = max((int(part.max()) for _, part in ShardReader(prefix).iter_token_chunks()), default=-1)
+        if top >= vocab_size:
+            return (f"{prefix}.bin: holds token id {top}, but the model's vocabulary has "
                     f"{vocab_size} ids (model.vocab_size); the shards were made with a larger tokenizer")
     return None
 

@@ -53,9 +53,9 @@ from roberta_ds.launch.mpi import (
     mpi_place,
 )
 from roberta_ds.launch.slurm import (
-    Place,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
+    Place,
     parse_tasks_per_node,
     scontrol_hostnames,
     slurm_place,
