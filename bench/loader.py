@@ -171,7 +171,7 @@ def bench_open(tokens: int, sentences: int, shards: int, work: Path) -> None:
     if not (path / "manifest.json").is_file():
         totals = write_synthetic_index(path, tokens, sentences, shards)
     else:
-        from roberta_ds.data.shards import read_manifest
+        from roberta_ds.data.shard_set import read_manifest
 
         m = read_manifest(path)
         totals = {"tokens": m.tokens, "sentences": m.sequences, "documents": m.documents}

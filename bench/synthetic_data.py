@@ -44,7 +44,8 @@ def write_tokenizer(out: Path, vocab_size: int) -> Path:
 def write_shards(out: Path, tokenizer: Path, tokens: int, shards: int = 2, seed: int = 0) -> Path:
     """~`tokens` ids in `shards` shards: sentences of geometric length (mean 30), ~10 per document,
     ids drawn from a Zipf law (exponent 1.1 over a shuffled vocabulary), so the loss can fall."""
-    from roberta_ds.data.shards import Manifest, ShardWriter, shard_info, token_dtype, write_manifest
+    from roberta_ds.data.shard_set import Manifest, shard_info, write_manifest
+    from roberta_ds.data.shards import ShardWriter, token_dtype
     from roberta_ds.data.tokenizer import load_tokenizer_info
 
     info = load_tokenizer_info(tokenizer)
@@ -94,15 +95,8 @@ def prepare_data(work: Path, vocab_size: int, tokens: int) -> tuple[Path, Path]:
 
 def write_synthetic_index(out: Path, tokens: int, sentences: int, shards: int, seed: int = 0) -> dict:
     """A valid shard set of the given size with sparse .bin files; returns its totals."""
-    from roberta_ds.data.shards import (
-        Manifest,
-        ShardInfo,
-        bin_path,
-        encode_index,
-        idx_path,
-        token_dtype,
-        write_manifest,
-    )
+    from roberta_ds.data.shard_set import Manifest, ShardInfo, write_manifest
+    from roberta_ds.data.shards import bin_path, encode_index, idx_path, token_dtype
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

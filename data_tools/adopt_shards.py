@@ -29,17 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from roberta_ds.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardReader,
-    bin_path,
-    idx_path,
-    shard_info,
-    token_dtype,
-    verify_shard,
-    write_manifest,
-)
+from roberta_ds.data.shard_set import Manifest, shard_info, verify_shard, write_manifest
+from roberta_ds.data.shards import MANIFEST_NAME, ShardReader, bin_path, idx_path, token_dtype
 from roberta_ds.data.tokenizer import SPECIAL_TOKENS, TokenizerInfo, load_tokenizer_info
 from roberta_ds.data.unigram import COUNT_CHUNK, UnigramStats
 from roberta_ds.errors import ShardFormatError, UserError

@@ -45,18 +45,8 @@ import numpy as np
 
 from data_tools.encode import Part, encode_documents, token_byte_lengths
 from data_tools.text_input import ReadStats, iter_documents_utf8, resolve_inputs
-from roberta_ds.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardInfo,
-    ShardReader,
-    ShardWriter,
-    idx_path,
-    open_shards,
-    shard_info,
-    token_dtype,
-    write_manifest,
-)
+from roberta_ds.data.shard_set import Manifest, ShardInfo, open_shards, shard_info, write_manifest
+from roberta_ds.data.shards import MANIFEST_NAME, ShardReader, ShardWriter, idx_path, token_dtype
 from roberta_ds.data.tokenizer import TokenizerInfo, load_tokenizer_info
 from roberta_ds.data.unigram import with_token_stats
 from roberta_ds.durable import atomic_write_bytes

@@ -54,7 +54,8 @@ from data_tools.build_shards import (
 )
 from data_tools.encode import Part
 from data_tools.text_input import ReadStats, iter_documents_utf8, resolve_inputs
-from roberta_ds.data.shards import Manifest, open_shards, token_dtype, write_manifest
+from roberta_ds.data.shard_set import Manifest, open_shards, write_manifest
+from roberta_ds.data.shards import token_dtype
 from roberta_ds.data.tokenizer import load_tokenizer_info
 from roberta_ds.data.unigram import with_token_stats
 from roberta_ds.durable import atomic_write_bytes

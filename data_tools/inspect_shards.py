@@ -5,7 +5,7 @@
     roberta-ds verify data/                            # a build dir (train/ + valid/) or shard set(s)
     roberta-ds verify data/train --tokenizer tok/      # also require this tokenizer's fingerprint
 
-`verify` runs `roberta_ds.data.shards.verify_set`: manifest fields, each shard's header, exact .idx and
+`verify` runs `roberta_ds.data.shard_set.verify_set`: manifest fields, each shard's header, exact .idx and
 .bin sizes, contiguous monotonic pointers, document indices (0 ... S, non-decreasing), every token
 id below the vocabulary size, sizes and sha256 checksums against the manifest. The first problem
 is reported with its file and the command exits 1.
@@ -19,14 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from roberta_ds.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardReader,
-    check_tokenizer,
-    open_shards,
-    verify_set,
-)
+from roberta_ds.data.shard_set import Manifest, check_tokenizer, open_shards, verify_set
+from roberta_ds.data.shards import MANIFEST_NAME, ShardReader
 from roberta_ds.data.tokenizer import decode, load_tokenizer_info
 from roberta_ds.errors import UserError
 

@@ -19,16 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_tools.build_shards import shard_name
-from roberta_ds.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardFormatError,
-    ShardInfo,
-    bin_path,
-    idx_path,
-    open_shards,
-    write_manifest,
-)
+from roberta_ds.data.shard_set import Manifest, ShardInfo, open_shards, write_manifest
+from roberta_ds.data.shards import MANIFEST_NAME, ShardFormatError, bin_path, idx_path
 from roberta_ds.data.unigram import with_token_stats
 from roberta_ds.durable import fsync_dir
 from roberta_ds.errors import UserError

@@ -14,7 +14,7 @@ class ConfigError(UserError):
 
 
 class ShardFormatError(UserError):
-    """A shard file (.bin/.idx) or manifest that does not satisfy the format spec in shards.py."""
+    """A shard file (.bin/.idx) or manifest that does not satisfy the format spec in shards.py (manifest: shard_set.py)."""
 
 
 class CheckpointError(UserError):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from roberta_ds.data.shards import Manifest, ShardWriter, shard_info, token_dtype, write_manifest
+from roberta_ds.data.shard_set import Manifest, shard_info, write_manifest
+from roberta_ds.data.shards import ShardWriter, token_dtype
 
 VOCAB = 1000
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": VOCAB - 1}

@@ -19,15 +19,8 @@ from launch import run_trainer, tiny_args
 
 from data_tools.adopt_shards import adopt_shards
 from roberta_ds import cli
-from roberta_ds.data.shards import (
-    MANIFEST_NAME,
-    ShardReader,
-    bin_path,
-    idx_path,
-    open_shards,
-    read_manifest,
-    verify_set,
-)
+from roberta_ds.data.shard_set import open_shards, read_manifest, verify_set
+from roberta_ds.data.shards import MANIFEST_NAME, ShardReader, bin_path, idx_path
 from roberta_ds.data.tokenizer import load_tokenizer_info
 
 

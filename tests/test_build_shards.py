@@ -19,7 +19,7 @@ from data_tools.build_shards import build_shards, is_valid_document
 from data_tools.encode import encode_documents
 from data_tools.text_input import ReadStats, iter_documents, resolve_inputs, split_sequences
 from roberta_ds import cli
-from roberta_ds.data.shards import open_shards, read_manifest, verify_set
+from roberta_ds.data.shard_set import open_shards, read_manifest, verify_set
 from roberta_ds.data.tokenizer import decode, load_tokenizer, load_tokenizer_info, special_ids_of
 from roberta_ds.errors import ShardFormatError, UserError
 

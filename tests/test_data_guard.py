@@ -27,7 +27,7 @@ from roberta_ds.data.order import (
     legacy_identity,
     resumed_order,
 )
-from roberta_ds.data.shards import read_manifest
+from roberta_ds.data.shard_set import read_manifest
 from roberta_ds.errors import CheckpointError
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from ds_scripts.fault_jobs import copy_run, fault_args, launch_job, reference_run
 
 from roberta_ds.checkpoint import commit as ckpt
-from roberta_ds.data.shards import read_manifest
+from roberta_ds.data.shard_set import read_manifest
 
 pytestmark = pytest.mark.slow
 

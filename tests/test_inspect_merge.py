@@ -14,17 +14,16 @@ import pytest
 
 from data_tools.merge_shards import merge_shard_sets
 from roberta_ds import cli
-from roberta_ds.data.shards import (
+from roberta_ds.data.shard_set import (
     Manifest,
     ShardInfo,
-    bin_path,
-    idx_path,
     open_shards,
     read_manifest,
     shard_info,
     verify_set,
     write_manifest,
 )
+from roberta_ds.data.shards import bin_path, idx_path
 from roberta_ds.data.tokenizer import load_tokenizer
 from roberta_ds.errors import UserError
 

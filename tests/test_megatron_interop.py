@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from roberta_ds.data.shards import ShardReader, ShardWriter, bin_path, idx_path, open_shards, verify_shard
+from roberta_ds.data.shard_set import open_shards, verify_shard
+from roberta_ds.data.shards import ShardReader, ShardWriter, bin_path, idx_path
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from launch import REPO, kill_group
 
-from roberta_ds.data.shards import ShardReader, read_manifest
+from roberta_ds.data.shard_set import read_manifest
+from roberta_ds.data.shards import ShardReader
 from roberta_ds.quickstart.pipeline import launcher_env
 
 pytestmark = pytest.mark.slow

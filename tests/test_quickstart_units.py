@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from roberta_ds.config import train_config_from_dict
-from roberta_ds.data.shards import ShardReader, read_manifest
+from roberta_ds.data.shard_set import read_manifest
+from roberta_ds.data.shards import ShardReader
 from roberta_ds.data.tokenizer import tokenizer_vocab_size
 from roberta_ds.engine.metrics import console_line
 from roberta_ds.errors import ConfigError, UserError

@@ -13,22 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from roberta_ds.data.shards import (
-    MAGIC,
+from roberta_ds.data.shard_set import (
     Manifest,
-    ShardReader,
-    ShardWriter,
-    bin_path,
     check_tokenizer,
-    encode_index,
-    idx_path,
     open_shards,
     read_manifest,
     shard_info,
-    token_dtype,
     verify_set,
     verify_shard,
     write_manifest,
+)
+from roberta_ds.data.shards import (
+    MAGIC,
+    ShardReader,
+    ShardWriter,
+    bin_path,
+    encode_index,
+    idx_path,
+    token_dtype,
 )
 from roberta_ds.durable import atomic_write_bytes
 from roberta_ds.errors import ShardFormatError

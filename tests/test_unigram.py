@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from data_tools.merge_shards import merge_shard_sets
-from roberta_ds.data.shards import Manifest, ShardFormatError, read_manifest, verify_set, write_manifest
+from roberta_ds.data.shard_set import Manifest, read_manifest, verify_set, write_manifest
+from roberta_ds.data.shards import ShardFormatError
 from roberta_ds.data.unigram import FIELD, UnigramStats, count_tokens, group_stats, stored_stats
 
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
@@ -96,7 +97,7 @@ def test_a_manifest_from_before_the_field_loads_and_is_counted(small_shards: Pat
 
 
 def test_readers_ignore_fields_they_do_not_know(small_shards: Path, tmp_path: Path) -> None:
-    """The compatibility rule that lets a field be added within format version 1 (shards.py)."""
+    """The compatibility rule that lets a field be added within format version 1 (shard_set.py)."""
     d = _copy_with(small_shards, tmp_path, lambda raw: raw.update(a_later_field={"x": 1}))
     assert read_manifest(d) == read_manifest(small_shards / "valid")
 

@@ -29,7 +29,7 @@ from roberta_ds.data.masking import MaskingCollator, MaskSpec, mask_slots
 from roberta_ds.data.order import DataOrder
 from roberta_ds.data.reading import Source, open_source, read_rows
 from roberta_ds.data.sampling import BatchPlan, Blend, micro_batch_indices
-from roberta_ds.data.shards import Manifest, read_manifest
+from roberta_ds.data.shard_set import Manifest, read_manifest
 from roberta_ds.errors import ConfigError, UserError
 
 __all__ = [

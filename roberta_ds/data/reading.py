@@ -22,7 +22,7 @@ import numpy as np
 from roberta_ds.config import DataConfig
 from roberta_ds.data.bin_file import DescriptorCache, ShardFile
 from roberta_ds.data.blocks import BlockIndex, Offsets, build_block_index
-from roberta_ds.data.shards import Manifest, open_shards
+from roberta_ds.data.shard_set import Manifest, open_shards
 from roberta_ds.errors import ShardFormatError
 
 

@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from roberta_ds.data.shards import MANIFEST_NAME, Manifest, ShardReader, read_manifest
+from roberta_ds.data.shard_set import Manifest, read_manifest
+from roberta_ds.data.shards import MANIFEST_NAME, ShardReader
 from roberta_ds.errors import ShardFormatError
 
 FIELD = "token_stats"
-"""The manifest field (format version 1, optional: see the compatibility rule in shards.py)."""
+"""The manifest field (format version 1, optional: see the compatibility rule in shard_set.py)."""
 COUNT_CHUNK = 1 << 24
 """Tokens per bincount call: bounds the temporary memory of counting a large shard."""
 DECIMALS = 6

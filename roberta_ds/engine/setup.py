@@ -36,7 +36,8 @@ from roberta_ds.checkpoint.universal_load import hyperparameters, repair_zero3_u
 from roberta_ds.comm import Comm, make_all_reduce_max
 from roberta_ds.config import config_to_dict, inductor_options
 from roberta_ds.data.order import DataOrder, check_data_unchanged, data_identity, resumed_order
-from roberta_ds.data.shards import ShardReader, check_tokenizer, read_manifest
+from roberta_ds.data.shard_set import check_tokenizer, read_manifest
+from roberta_ds.data.shards import ShardReader
 from roberta_ds.engine.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.engine.optim import GuardedAdamW, lr_at, param_groups
 from roberta_ds.engine.resolved import ResolvedRun, resolve_config, resolve_run  # noqa: F401 - resolve_config re-exported

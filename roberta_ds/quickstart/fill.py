@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from roberta_ds.data.shards import open_shards
+from roberta_ds.data.shard_set import open_shards
 
 MIN_TOKENS, MAX_TOKENS = 8, 24
 PROSE = re.compile(r"[A-Z][A-Za-z ,;:'-]*[a-z][.]")

@@ -112,7 +112,7 @@ def build_data(files: list[Path], out: Path, settings: QuickstartSettings,
     `reading`: text_field and on_decode_error, as build-shards takes them."""
     from data_tools.build_shards import build_shards
     from data_tools.train_tokenizer import train_tokenizer
-    from roberta_ds.data.shards import verify_set
+    from roberta_ds.data.shard_set import verify_set
     from roberta_ds.data.unigram import describe, stored_stats
 
     t = _step(f"2/6 byte-level BPE tokenizer, vocab {settings.vocab_size:,}")
@@ -143,7 +143,7 @@ def train(out: Path, tok_dir: Path, shards: Path, settings: QuickstartSettings, 
     import torch
 
     from roberta_ds.data.blocks import build_block_index
-    from roberta_ds.data.shards import open_shards
+    from roberta_ds.data.shard_set import open_shards
     from roberta_ds.data.tokenizer import load_tokenizer_info
 
     gpus = torch.cuda.device_count()
