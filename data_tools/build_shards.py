@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -407,67 +408,9 @@ def build_shards(
 
     writers = {s: SplitWriter(out / s, dtype, shard_tokens) for s in SPLITS}
     stats = ReadStats()
-    bar = Progress(progress, len(files))
-    threads = max(1, usable_cores() // workers)
-    # Spawned, not forked: a fork would inherit the tokenizers thread pool in an unusable state.
-    # An executor (not multiprocessing.Pool) so that workers dying at start-up fail the build
-    # instead of being respawned forever.
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(str(tok.path), tok.sha256, dtype.str, tok.vocab_size, threads),
-    )
-    in_flight: collections.deque = collections.deque()
-    max_in_flight = 2 * workers + 2
-
-    def drain(limit: int) -> None:
-        while len(in_flight) > limit:
-            future, nbytes = in_flight.popleft()
-            train, valid = future.result()
-            docs = toks = 0
-            for split, part in (("train", train), ("valid", valid)):
-                if part is not None:
-                    writers[split].write(part)
-                    docs += part[2].size
-                    toks += part[0].size
-            bar.update(nbytes, toks, docs, stats.files)
-
-    try:
-        seen = dict.fromkeys(SPLITS, 0)
-        texts: list[str] = []
-        flags: list[bool] = []
-        chunk_bytes = 0
-        docs = iter_documents_utf8(files, text_field=text_field, on_decode_error=on_decode_error, stats=stats)
-        for text, data in docs:
-            split = "valid" if is_valid_document(data, seed, valid_fraction) else "train"
-            seen[split] += 1
-            if seen[split] <= writers[split].resumed_documents:
-                continue  # already in a finished shard
-            texts.append(text)
-            flags.append(split == "valid")
-            chunk_bytes += len(data)
-            if chunk_bytes >= CHUNK_BYTES:
-                in_flight.append((pool.submit(_encode_chunk, texts, np.array(flags)), chunk_bytes))
-                texts, flags, chunk_bytes = [], [], 0
-                drain(max_in_flight)
-        if texts:
-            in_flight.append((pool.submit(_encode_chunk, texts, np.array(flags)), chunk_bytes))
-        drain(0)
-    except BrokenProcessPool:
-        for w in writers.values():
-            w.abort()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise UserError(
-            f"a build-shards worker process died (out of memory or killed?); {SPAWN_HINT}"
-        ) from None
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    bar.update(0, 0, 0, stats.files, final=True)
+    docs = iter_documents_utf8(files, text_field=text_field, on_decode_error=on_decode_error, stats=stats)
+    split_of = functools.partial(_split_of, seed=seed, valid_fraction=valid_fraction)
+    seen = _encode_into(writers, docs, split_of, tok, dtype, workers, Progress(progress, len(files)), stats)
 
     if stats.documents == 0:
         _remove_build(out)  # nothing was written; leave no state that looks like a build
@@ -495,6 +438,77 @@ def build_shards(
         manifests[split] = with_token_stats(out / split, split_manifest(split, tok, infos[split], settings, stats))
         write_manifest(out / split, manifests[split])
     return manifests
+
+
+def _split_of(data: bytes, *, seed: int, valid_fraction: float) -> str:
+    return "valid" if is_valid_document(data, seed, valid_fraction) else "train"
+
+
+def _encode_into(writers: dict[str, SplitWriter], docs: Iterator[tuple[str, bytes]], split_of: Callable[[bytes], str],
+                 tok: TokenizerInfo, dtype: np.dtype, workers: int, bar: Progress, stats: ReadStats) -> dict[str, int]:
+    """Encode `docs` in `workers` processes, in chunks of CHUNK_BYTES, into the splits' writers, in input
+    order; documents already in a resumed build's finished shards are skipped. Returns the documents
+    seen per split. On any failure the writers are aborted (nothing half-written looks finished)."""
+    threads = max(1, usable_cores() // workers)
+    # Spawned, not forked: a fork would inherit the tokenizers thread pool in an unusable state.
+    # An executor (not multiprocessing.Pool) so that workers dying at start-up fail the build
+    # instead of being respawned forever.
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(tok.path), tok.sha256, dtype.str, tok.vocab_size, threads),
+    )
+    in_flight: collections.deque = collections.deque()
+    max_in_flight = 2 * workers + 2
+
+    def drain(limit: int) -> None:
+        while len(in_flight) > limit:
+            future, nbytes = in_flight.popleft()
+            train, valid = future.result()
+            docs = toks = 0
+            for split, part in (("train", train), ("valid", valid)):
+                if part is not None:
+                    writers[split].write(part)
+                    docs += part[2].size
+                    toks += part[0].size
+            bar.update(nbytes, toks, docs, stats.files)
+
+    seen = dict.fromkeys(SPLITS, 0)
+    try:
+        texts: list[str] = []
+        flags: list[bool] = []
+        chunk_bytes = 0
+        for text, data in docs:
+            split = split_of(data)
+            seen[split] += 1
+            if seen[split] <= writers[split].resumed_documents:
+                continue  # already in a finished shard
+            texts.append(text)
+            flags.append(split == "valid")
+            chunk_bytes += len(data)
+            if chunk_bytes >= CHUNK_BYTES:
+                in_flight.append((pool.submit(_encode_chunk, texts, np.array(flags)), chunk_bytes))
+                texts, flags, chunk_bytes = [], [], 0
+                drain(max_in_flight)
+        if texts:
+            in_flight.append((pool.submit(_encode_chunk, texts, np.array(flags)), chunk_bytes))
+        drain(0)
+    except BrokenProcessPool:
+        for w in writers.values():
+            w.abort()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise UserError(
+            f"a build-shards worker process died (out of memory or killed?); {SPAWN_HINT}"
+        ) from None
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    bar.update(0, 0, 0, stats.files, final=True)
+    return seen
 
 
 def set_summary(split_dir: Path, m: Manifest) -> str:
