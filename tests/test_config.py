@@ -10,13 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from roberta_ds.config import (
-    OPTIM_PRESETS,
-    OptimConfig,
-    apply_overrides,
-    inductor_options,
-    train_config_from_dict,
-)
+from roberta_ds.config import OPTIM_PRESETS, OptimConfig
+from roberta_ds.config_load import apply_overrides, inductor_options, train_config_from_dict
 from roberta_ds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from roberta_ds import config as config_module
-from roberta_ds.config import load_train_config, train_config_from_dict
+from roberta_ds.config_load import load_train_config, train_config_from_dict
 from roberta_ds.config_types import describe, field_types
 from roberta_ds.errors import ConfigError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from roberta_ds.config import train_config_from_dict
+from roberta_ds.config_load import train_config_from_dict
 from roberta_ds.data.shard_set import read_manifest
 from roberta_ds.data.shards import ShardReader
 from roberta_ds.data.tokenizer import tokenizer_vocab_size

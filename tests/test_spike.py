@@ -70,7 +70,7 @@ def test_settings_are_checked_naming_the_field(kw, message) -> None:
 
 
 def test_spike_config_from_the_command_line() -> None:
-    from roberta_ds.config import load_train_config
+    from roberta_ds.config_load import load_train_config
 
     cfg = load_train_config(None, ["model.preset=tiny", "data.max_seq_len=128", "spike.policy=rollback",
                                    "spike.lr_scale=5e-1", "spike.loss_factor=null"])

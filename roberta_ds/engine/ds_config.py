@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from roberta_ds.config import apply_overrides
+from roberta_ds.config_load import apply_overrides
 from roberta_ds.data.sampling import BatchPlan
 from roberta_ds.errors import ConfigError
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from roberta_ds.config import TrainConfig, load_train_config, resolve_auto
+from roberta_ds.config import TrainConfig, resolve_auto
+from roberta_ds.config_load import load_train_config
 from roberta_ds.data.sampling import BatchPlan
 from roberta_ds.data.tokenizer import TokenizerInfo, load_tokenizer_info, tokenizer_vocab_size
 from roberta_ds.engine.ds_config import (

@@ -34,7 +34,8 @@ from roberta_ds.checkpoint import commit as ckpt
 from roberta_ds.checkpoint.resume import ResumePoint, check_compatible, plan_resume
 from roberta_ds.checkpoint.universal_load import hyperparameters, repair_zero3_universal_load
 from roberta_ds.comm import Comm, make_all_reduce_max
-from roberta_ds.config import config_to_dict, inductor_options
+from roberta_ds.config import config_to_dict
+from roberta_ds.config_load import inductor_options
 from roberta_ds.data.order import DataOrder, check_data_unchanged, data_identity, resumed_order
 from roberta_ds.data.shard_set import check_tokenizer, read_manifest
 from roberta_ds.data.shards import ShardReader

@@ -44,7 +44,8 @@ from roberta_ds.checkpoint.read_weights import (
     resolve_tag_dir,
     strip_wrappers,
 )
-from roberta_ds.config import PRESETS, WEIGHT_FREE_FIELDS, ModelConfig, parse_value
+from roberta_ds.config import PRESETS, WEIGHT_FREE_FIELDS, ModelConfig
+from roberta_ds.config_load import parse_value
 from roberta_ds.data.tokenizer import TOKENIZER_FILE, TokenizerInfo, load_tokenizer_info
 from roberta_ds.errors import CheckpointError, ConfigError, UserError
 from roberta_ds.hf.init_check import SOURCE_FILE, source_tokenizer_sha256
