@@ -17,7 +17,7 @@ from roberta_ds.data.tokenizer import load_tokenizer_info
 from roberta_ds.engine.resolved import ResolvedRun, resolve_run
 from roberta_ds.engine.runtime import Runtime
 from roberta_ds.engine.setup import parse_args
-from roberta_ds.errors import ConfigError
+from roberta_ds.errors import ConfigError, ShardFormatError
 
 
 @pytest.fixture
@@ -79,3 +79,20 @@ def test_runtime_is_built_by_keyword_and_reads_the_run(small_tokenizer, small_sh
                  rng_state=None)
     assert (rt.cfg, rt.plan, rt.env, rt.out, rt.tokenizer_sha256) == (
         run.cfg, run.plan, run.env, run.out, run.tokenizer.sha256)
+
+
+def test_the_data_is_checked_against_the_run_once(small_tokenizer, small_shards, tmp_path, two_rank_env) -> None:
+    """check_data_tokenizer: every set, training and validation, against the run's tokenizer and the
+    model's vocabulary; a validation set of another tokenizer is refused by its path."""
+    from roberta_ds.data.shard_set import read_manifest
+    from roberta_ds.engine.setup import check_data_tokenizer
+
+    run = _resolve(small_tokenizer, small_shards, tmp_path)
+    train, valid = (read_manifest(small_shards / s) for s in ("train", "valid"))
+    check_data_tokenizer(run, {"t": train, "v": valid})
+    other = dataclasses.replace(valid, tokenizer_sha256="ab" * 32)
+    with pytest.raises(ShardFormatError, match=r"^v/manifest.json: made with tokenizer sha256 abababab"):
+        check_data_tokenizer(run, {"t": train, "v": other})
+    small = _resolve(small_tokenizer, small_shards, tmp_path, "--set", "model.vocab_size=1000")
+    with pytest.raises(ConfigError, match=r"model.vocab_size 1000 is smaller than the vocabulary of t \(2048\)"):
+        check_data_tokenizer(small, {"t": train})

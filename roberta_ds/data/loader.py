@@ -29,7 +29,7 @@ from roberta_ds.data.masking import MaskingCollator, MaskSpec, mask_slots
 from roberta_ds.data.order import DataOrder
 from roberta_ds.data.reading import Source, open_source, read_rows
 from roberta_ds.data.sampling import BatchPlan, Blend, micro_batch_indices
-from roberta_ds.data.shard_set import Manifest, read_manifest
+from roberta_ds.data.shard_set import Manifest
 from roberta_ds.errors import ConfigError, UserError
 
 __all__ = [
@@ -252,9 +252,9 @@ def valid_batches(
             f"rank={rank}, world_size={world_size}, micro_batch={micro_batch}, max_batches={max_batches}"
         )
     sources = _open_sources(cfg.valid, cfg, "valid", DescriptorCache())
-    manifests = {s.path: s.manifest for s in sources}
-    manifests.update({t.path: read_manifest(t.path) for t in cfg.train})
-    manifest = _check_same_tokenizer(manifests)
+    # The sets agree with each other here; that they match the run's tokenizer (and the training sets)
+    # is checked once, at setup (engine/setup.check_data_tokenizer).
+    manifest = _check_same_tokenizer({s.path: s.manifest for s in sources})
     special = dict(manifest.special_ids)
     spec = MaskSpec.make(cfg, manifest.vocab_size, special, word_starts)
     collator = MaskingCollator(spec, VALID_SEED, unpad)

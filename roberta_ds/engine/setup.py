@@ -37,7 +37,7 @@ from roberta_ds.comm import Comm, make_all_reduce_max
 from roberta_ds.config import config_to_dict
 from roberta_ds.config_load import inductor_options
 from roberta_ds.data.order import DataOrder, check_data_unchanged, data_identity, resumed_order
-from roberta_ds.data.shard_set import check_tokenizer, read_manifest
+from roberta_ds.data.shard_set import Manifest, check_tokenizer, read_manifest
 from roberta_ds.data.shards import ShardReader
 from roberta_ds.engine.ds_grad_accum import fuse_grad_accumulation
 from roberta_ds.engine.optim import GuardedAdamW, lr_at, param_groups
@@ -146,16 +146,22 @@ def _open_data(run: ResolvedRun, comm: Comm) -> Any:
     once, against the run's tokenizer, and every token id against the model's vocabulary."""
     from roberta_ds.data.loader import open_train_data
 
-    cfg, tok = run.cfg, run.tokenizer
-    data = open_train_data(cfg.data)  # refuses sets made with different tokenizers
-    check_tokenizer(data.manifest, tok.sha256, f"{cfg.data.train[0].path}/manifest.json")
-    for src in cfg.data.valid:
-        check_tokenizer(read_manifest(src.path), tok.sha256, f"{src.path}/manifest.json")
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' vocabulary "
-                          f"{data.vocab_size}; set model.vocab_size >= {data.vocab_size}")
+    cfg = run.cfg
+    data = open_train_data(cfg.data)
+    check_data_tokenizer(run, {s.path: s.manifest for s in data.sources}
+                         | {s.path: read_manifest(s.path) for s in cfg.data.valid})
     comm.agree_error(_scan_token_range(data, cfg.model.vocab_size, comm.rank, comm.world))
     return data
+
+
+def check_data_tokenizer(run: ResolvedRun, manifests: dict[str, Manifest]) -> None:
+    """The one check of the data against the run: every shard set (training and validation, path ->
+    manifest) was made with the run's tokenizer, and the model's vocabulary holds the sets' ids."""
+    for path, m in manifests.items():
+        check_tokenizer(m, run.tokenizer.sha256, f"{path}/manifest.json")
+        if m.vocab_size > run.cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size {run.cfg.model.vocab_size} is smaller than the vocabulary of "
+                              f"{path} ({m.vocab_size}); set model.vocab_size >= {m.vocab_size}")
 
 
 def _resume_point(run: ResolvedRun, identity: dict[str, Any], args: argparse.Namespace,
