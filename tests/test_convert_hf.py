@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import tiny_model
 
 from roberta_ds import cli
 from roberta_ds.checkpoint.read_weights import inspect_layout, load_weights, resolve_tag_dir
@@ -69,8 +70,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def our_model(vocab_size: int, seed: int = 0) -> RobertaMLM:
-    torch.manual_seed(seed)
-    return randomized(RobertaMLM(model_config("tiny", vocab_size=vocab_size)), seed)
+    return randomized(tiny_model(vocab_size, seed=seed), seed)
 
 
 def hf_model(vocab_size: int, seed: int = 1):

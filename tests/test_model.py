@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model
 
 from roberta_ds.config import PRESETS, model_config
 from roberta_ds.errors import ConfigError
@@ -17,8 +18,7 @@ PAD = 1
 
 
 def make_model(seed: int = 0, **overrides) -> RobertaMLM:
-    torch.manual_seed(seed)
-    return RobertaMLM(model_config("tiny", vocab_size=V, **overrides))
+    return tiny_model(V, seed=seed, **overrides)
 
 
 def batch(lengths: list[int], T: int, seed: int = 0) -> torch.Tensor:

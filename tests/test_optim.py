@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from roberta_ds.config import (
     OPTIM_PRESETS,
     OptimConfig,
-    model_config,
 )
 from roberta_ds.engine.optim import GuardedAdamW, lr_at, param_groups
-from roberta_ds.model.model import RobertaMLM
 
 REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = REPO / "ds_configs"
@@ -46,13 +45,8 @@ def test_lr_schedule_large_and_edges() -> None:
     assert lr_at(10, no_warmup) == pytest.approx(1e-4) and lr_at(99, no_warmup) == pytest.approx(1e-4)
 
 
-def _tiny_model(vocab: int = 512, seq: int = 32, **kw: Any) -> RobertaMLM:
-    torch.manual_seed(0)
-    return RobertaMLM(model_config("tiny", vocab_size=vocab, max_positions=seq + 2, **kw))
-
-
 def test_weight_decay_only_on_matrices() -> None:
-    model = _tiny_model()
+    model = tiny_model(512, max_positions=34)
     groups = param_groups(model, 0.01)
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
     names = {id(p): n for n, p in model.named_parameters()}

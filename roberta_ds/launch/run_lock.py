@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from roberta_ds.durable import fsync_dir
 from roberta_ds.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -148,12 +149,8 @@ def _temp_copy(path: Path, holder: Holder) -> Path:
 
 
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # a directory fsync is not supported everywhere
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # a directory fsync is not supported everywhere: the lock still holds
+        fsync_dir(path)
 
 
 def create_exclusive(path: Path, holder: Holder) -> bool:
