@@ -32,7 +32,7 @@ import numpy as np
 from roberta_ds.data.shard_set import Manifest, shard_info, verify_shard, write_manifest
 from roberta_ds.data.shards import MANIFEST_NAME, ShardReader, bin_path, idx_path, token_dtype
 from roberta_ds.data.tokenizer import SPECIAL_TOKENS, TokenizerInfo, load_tokenizer_info
-from roberta_ds.data.unigram import COUNT_CHUNK, UnigramStats
+from roberta_ds.data.unigram import UnigramStats
 from roberta_ds.errors import ShardFormatError, UserError
 
 IN_DATA_REFUSED = ("bos", "eos", "pad", "mask")
@@ -53,7 +53,7 @@ def shard_prefix(arg: str | Path) -> Path:
 def _counts(prefix: Path, vocab_size: int) -> np.ndarray:
     """(vocab_size,) token counts of one verified shard (ids already checked below vocab_size)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for _, tokens in ShardReader(prefix).iter_token_chunks(COUNT_CHUNK):
+    for _, tokens in ShardReader(prefix).iter_token_chunks():
         counts += np.bincount(tokens, minlength=vocab_size)
     return counts
 
@@ -84,7 +84,7 @@ def check_foreign_shard(prefix: Path, tok: TokenizerInfo, tokenizer_arg: str) ->
         i = tok.special_ids[role]
         if counts[i]:
             where = next(start + int(np.flatnonzero(part == i)[0])
-                         for start, part in reader.iter_token_chunks(COUNT_CHUNK) if (part == i).any())
+                         for start, part in reader.iter_token_chunks() if (part == i).any())
             seq = int(np.searchsorted(reader.token_offsets(), where, side="right")) - 1
             raise UserError(
                 f"{bpath}: holds {SPECIAL_TOKENS[role]} (id {i}) {int(counts[i]):,} time(s), first in sequence "

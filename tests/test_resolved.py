@@ -75,8 +75,8 @@ def test_runtime_is_built_by_keyword_and_reads_the_run(small_tokenizer, small_sh
     run = _resolve(small_tokenizer, small_shards, tmp_path)
     with pytest.raises(TypeError):
         Runtime(run, {}, None, None, None, 0, 0, None)  # type: ignore[misc]  # kw_only: no positional bag
-    rt = Runtime(run=run, ds=run.ds, engine=None, optimizer=None, data=None, step=0, skipped_total=0,
-                 rng_state=None)
+    rt = Runtime(run=run, ds=run.ds, engine=None, optimizer=None, data=None, data_identity={}, step=0,
+                 skipped_total=0, rng_state=None)
     assert (rt.cfg, rt.plan, rt.env, rt.out, rt.tokenizer_sha256) == (
         run.cfg, run.plan, run.env, run.out, run.tokenizer.sha256)
 

@@ -1,4 +1,4 @@
-"""THE on-disk token format: `.bin/.idx` shards (Megatron's byte layout) + manifest, and their reader.
+"""THE on-disk token format: `.bin/.idx` shards (Megatron's byte layout), their writer and the reader of one shard.
 
 `ShardReader` maps the small `.idx` and reads `.bin` tokens only with `os.pread` (bin_file.py), so a
 shard that changes while it is read gives an error naming the file, never a SIGBUS.

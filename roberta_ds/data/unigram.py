@@ -36,8 +36,6 @@ from roberta_ds.errors import ShardFormatError
 
 FIELD = "token_stats"
 """The manifest field (format version 1, optional: see the compatibility rule in shard_set.py)."""
-COUNT_CHUNK = 1 << 24
-"""Tokens per bincount call: bounds the temporary memory of counting a large shard."""
 DECIMALS = 6
 """Rounding of the stored floats: the manifest's bytes do not depend on summation order."""
 
@@ -94,7 +92,7 @@ def count_tokens(directory: str | Path, manifest: Manifest, shards: Sequence[int
     counts = np.zeros(manifest.vocab_size, dtype=np.int64)
     infos = manifest.shards if shards is None else [manifest.shards[i] for i in shards]
     for info in infos:
-        for _, tokens in ShardReader(Path(directory) / info.name).iter_token_chunks(COUNT_CHUNK):
+        for _, tokens in ShardReader(Path(directory) / info.name).iter_token_chunks():
             part = np.bincount(tokens)
             if len(part) > len(counts):
                 raise ShardFormatError(

@@ -34,6 +34,9 @@ class Runtime:
     optimizer: GuardedAdamW
     data: Any
     """data.TrainData"""
+    data_identity: dict[str, Any]
+    """What fixes the sample order (data/order.data_identity), computed once at setup; every checkpoint
+    records it for the resume guard."""
     step: int
     """Optimizer steps done (skipped ones included): the data cursor is step x global batch."""
     skipped_total: int

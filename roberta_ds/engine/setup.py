@@ -115,7 +115,8 @@ def setup(args: argparse.Namespace, stop: StopFlag) -> Runtime:
     if run.env.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         _copy_tokenizer(run.cfg.tokenizer, run.out)
-    return Runtime(run=run, ds=ds, engine=engine, optimizer=optimizer, data=data, step=state.step,
+    return Runtime(run=run, ds=ds, engine=engine, optimizer=optimizer, data=data, data_identity=identity,
+                   step=state.step,
                    skipped_total=state.skipped_total, rng_state=state.rng_state, tokens_seen=state.tokens_seen,
                    order=state.order, spike_state=state.spike_state)
 

@@ -18,7 +18,6 @@ import torch
 from roberta_ds.checkpoint import commit as ckpt
 from roberta_ds.comm import all_reduce, comm_device
 from roberta_ds.config import config_to_dict
-from roberta_ds.data.order import data_identity
 from roberta_ds.engine.comm_report import CommMeter, comms_logging, summary_line
 from roberta_ds.engine.metrics import MetricsSink, Window, console_line, flops_per_token, mfu, peak_tflops
 from roberta_ds.engine.optim import lr_at
@@ -53,7 +52,7 @@ def checkpoint_meta(rt: Runtime, consecutive_skips: int) -> dict[str, Any]:
         "tokens_seen": rt.tokens_seen,
         "consecutive_skips": consecutive_skips,
         "data": config_to_dict(cfg.data),
-        "data_identity": data_identity(cfg.data, [s.manifest for s in rt.data.sources]),  # data_order.py
+        "data_identity": rt.data_identity,  # data/order.py
         "data_order": rt.order.to_json(),
     }
 
